@@ -1,0 +1,68 @@
+# moor: every target installs what it needs first (apt packages, the venv, the libcni driver),
+# idempotently, so `make demo` and `make test` work on a fresh Debian machine as root.
+
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SYSTEM_PYTHON := /usr/bin/python3
+APT_PACKAGES := python3-venv containernetworking-plugins etcd-server etcd-client golang-go \
+	golang-github-appc-cni-dev iptables iproute2
+PROTO := ipamd/api/v1/ipam.proto
+CNIDRV := tests/cnidrv/cnidrv
+STORE ?= sqlite
+
+.PHONY: deps apt venv cnidrv test lint fmt proto proto-check demo bench clean
+
+deps: apt venv cnidrv
+
+apt:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
+		| grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing:" $$missing; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+# The venv is Debian's interpreter (the pyenv build on PATH is slower and its `python3` is a shim).
+$(VENV)/.installed: setup.cfg pyproject.toml
+	@[ -x $(PY) ] || $(SYSTEM_PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $@
+
+venv: apt $(VENV)/.installed
+
+cnidrv: apt
+	@tests/cnidrv/build.sh
+
+lint: venv
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+fmt: venv
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+# Generated stubs are committed; `proto-check` fails when they are stale.
+proto: venv
+	$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. $(PROTO)
+
+proto-check: venv
+	@tmp=$$(mktemp -d) && trap 'rm -rf $$tmp' EXIT && \
+	$(PY) -m grpc_tools.protoc -I . --python_out=$$tmp --pyi_out=$$tmp --grpc_python_out=$$tmp $(PROTO) && \
+	for f in ipam_pb2.py ipam_pb2.pyi ipam_pb2_grpc.py; do \
+		diff -q $$tmp/ipamd/api/v1/$$f ipamd/api/v1/$$f >/dev/null || \
+		{ echo "ipamd/api/v1/$$f is stale: run 'make proto' and commit"; exit 1; }; \
+	done; echo "gRPC stubs are current"
+
+test: deps lint proto-check
+	$(PY) -m pytest
+
+demo: deps
+	$(PY) -m demo --store $(STORE)
+
+bench: deps
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) $(CNIDRV) tests/cnidrv/.gocache .pytest_cache .ruff_cache .hypothesis

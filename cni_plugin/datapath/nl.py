@@ -1,0 +1,191 @@
+"""The only module that imports pyroute2: socket lifecycle, dump retries and errno translation.
+
+Socket policy (measured, see the datapath notes):
+  * host netns: one IPRoute per *thread*. A shared IPRoute lazily opens one socket and one asyncio
+    loop per calling thread and only frees them on close(), so short-lived threads would leak fds;
+    the daemon uses a fixed worker pool, so a thread-local instance is both safe and warm.
+  * pod netns: a short-lived IPRoute over a socket created by the netns helper thread
+    (netns.open_netlink_socket), closed when the `with` block ends. pyroute2 never forks for it.
+  * no NLM_F_ECHO (nlm_echo): pyroute2 0.9.7 stops reading at the echoed RTM_NEWLINK and never
+    sees the error ACK that follows it, e.g. a veth create whose IFLA_MASTER is bad is echoed, then
+    rolled back by the kernel, and pyroute2 reports success. Creates are followed by a "get".
+"""
+
+from __future__ import annotations
+
+import errno as errno_mod
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkDumpInterrupted, NetlinkError
+
+from .errors import DatapathError, LinkExists, LinkNotFound, NetnsError, NotPermitted
+from .netns import open_netlink_socket
+
+__all__ = [
+    "IFF_PROMISC",
+    "IFF_UP",
+    "IPRoute",
+    "LinkInfo",
+    "NetlinkError",
+    "close_host_ipr",
+    "dump_retry",
+    "host_ipr",
+    "link_info",
+    "link_kind",
+    "netlink_errno",
+    "pod_ipr",
+    "translate_errors",
+]
+
+T = TypeVar("T")
+
+IFF_UP = 0x1
+IFF_PROMISC = 0x100
+NLM_F_DUMP_INTR = 0x10
+DUMP_ATTEMPTS = 5
+
+
+@dataclass(frozen=True)
+class LinkInfo:
+    """Identity of a link as the CNI result needs it."""
+
+    index: int
+    name: str
+    mac: str
+
+
+_local = threading.local()
+
+
+def host_ipr() -> IPRoute:
+    """The calling thread's IPRoute in the daemon's own netns (created on first use)."""
+    ipr = getattr(_local, "ipr", None)
+    if ipr is None:
+        ipr = IPRoute()
+        _local.ipr = ipr
+    return ipr
+
+
+def close_host_ipr() -> None:
+    """Close the calling thread's host IPRoute (worker shutdown, or after a broken socket)."""
+    ipr = getattr(_local, "ipr", None)
+    if ipr is not None:
+        _local.ipr = None
+        try:
+            ipr.close()
+        except Exception:  # closing a broken socket must not mask the original error
+            pass
+
+
+@contextmanager
+def pod_ipr(netns_fd: int) -> Iterator[IPRoute]:
+    """A short-lived IPRoute inside the netns behind `netns_fd`, closed on exit.
+
+    The caller's thread does all requests; only socket creation hops to the netns helper thread.
+    """
+    sock = open_netlink_socket(netns_fd)
+    try:
+        # use_socket= rather than fileno=: pyroute2 then works on our socket object, so a failure
+        # at any point can be cleaned up with sock.close(), which is idempotent. (With fileno=
+        # pyroute2 adopts the bare fd part-way through its constructor, and closing it ourselves
+        # after a failure could close an fd number another thread has since reused.)
+        ipr = IPRoute(use_socket=sock)
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        yield ipr
+    finally:
+        try:
+            ipr.close()
+        finally:
+            sock.close()
+
+
+def dump_retry(fn: Callable[[], Iterable[T]], attempts: int = DUMP_ATTEMPTS) -> list[T]:
+    """Run a dump to completion, retrying when the kernel flags it inconsistent.
+
+    pyroute2 0.9.7 defines NetlinkDumpInterrupted but never raises it, so the NLM_F_DUMP_INTR header
+    flag is checked here as well.
+    """
+    for attempt in range(attempts):
+        try:
+            msgs = list(fn())
+        except NetlinkDumpInterrupted:
+            if attempt == attempts - 1:
+                raise DatapathError("netlink dump interrupted repeatedly") from None
+            continue
+        if any(_header_flags(m) & NLM_F_DUMP_INTR for m in msgs):
+            if attempt == attempts - 1:
+                raise DatapathError("netlink dump interrupted repeatedly")
+            continue
+        return msgs
+    raise AssertionError("unreachable")
+
+
+def _header_flags(msg: Any) -> int:
+    try:
+        return int(msg["header"]["flags"])
+    except (KeyError, TypeError):
+        return 0
+
+
+def netlink_errno(exc: BaseException) -> int | None:
+    """The errno carried by a NetlinkError (None for anything else)."""
+    if isinstance(exc, NetlinkError):
+        return exc.code
+    return None
+
+
+@contextmanager
+def translate_errors(
+    subject: str,
+    *,
+    exists: type[DatapathError] = LinkExists,
+    missing: type[DatapathError] = LinkNotFound,
+    host: bool = True,
+) -> Iterator[None]:
+    """Turn NetlinkError raised in the block into a DatapathError subclass.
+
+    EEXIST means different things per request (link, address, route), so the caller names the class.
+    With `host`, any other failure (a broken socket, a confused asyncio loop) also drops the
+    thread's host IPRoute so that the next call starts from a fresh socket instead of a poisoned one.
+    """
+    try:
+        yield
+    except DatapathError:
+        raise
+    except NetlinkError as e:
+        code = e.code
+        text = f"{subject}: {e.args[1] if len(e.args) > 1 else e}"
+        if code == errno_mod.EEXIST:
+            raise exists(text, code) from e
+        if code in (errno_mod.ENODEV, errno_mod.ENOENT):
+            raise missing(text, code) from e
+        if code in (errno_mod.EPERM, errno_mod.EACCES):
+            raise NotPermitted(text, code) from e
+        if code == errno_mod.EBADF:
+            raise NetnsError(text, code) from e
+        raise DatapathError(text, code) from e
+    except Exception:
+        if host:
+            close_host_ipr()
+        raise
+
+
+def link_kind(msg: Any) -> str | None:
+    """IFLA_INFO_KIND of a link message ("bridge", "veth", ...), None for kind-less links."""
+    info = msg.get("IFLA_LINKINFO")
+    return info.get("IFLA_INFO_KIND") if info is not None else None
+
+
+def link_info(msg: Any) -> LinkInfo:
+    """LinkInfo from an RTM_NEWLINK message."""
+    return LinkInfo(
+        index=int(msg["index"]), name=msg.get("IFLA_IFNAME"), mac=msg.get("IFLA_ADDRESS")
+    )

@@ -1,0 +1,344 @@
+"""The CNI verbs for moor's bridge datapath and for moor as an IPAM plugin, run warm in moor-ipamd.
+
+ADD reads like the reference bridge's cmdAdd: allocate, register the release on an undo stack,
+ensure the bridge, create the veth with its peer already in the pod netns, configure it, and pop
+the undo stack only on success. So a failed ADD leaves no veth, no route and no IP behind.
+DEL never needs the netns: the host veth name is derived from (container ID, ifname), and deleting
+it removes the pod end too.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import os
+import threading
+from collections.abc import Callable
+from contextlib import ExitStack
+
+from cni_plugin.datapath import bridge as br
+from cni_plugin.datapath import veth
+from cni_plugin.datapath.errors import LinkExists, PodInterfaceExists
+from cni_plugin.datapath.inventory import lookup_bridge
+from cni_plugin.datapath.masq import MasqueradeRules
+from cni_plugin.datapath.netns import netns_inode
+from cni_plugin.errors import (
+    CHECK_FAILED,
+    DUPLICATE_ATTACHMENT,
+    INTERFACE_EXISTS,
+    INVALID_ENVIRONMENT,
+    INVALID_NETWORK_CONFIG,
+    PLUGIN_NOT_AVAILABLE,
+    TRY_AGAIN_LATER,
+    UNKNOWN_CONTAINER,
+    CNIError,
+)
+from cni_plugin.ipam import ipam_errors
+from cni_plugin.netconf import NetConf, ci_get
+from cni_plugin.result import Interface, IPConfig, Result, Route
+from cni_plugin.skel import Request
+from ipamd.model import Allocation, Owner
+from ipamd.node import NodeIpam
+
+log = logging.getLogger(__name__)
+DEFAULT_V4 = ipaddress.ip_network("0.0.0.0/0")
+# Test-only fault injection (the reference bridge has debugPostIPAMError for the same reason).
+FaultHook = Callable[[str, Request], None]
+
+
+class MoorPlugin:
+    def __init__(
+        self,
+        ipam: NodeIpam,
+        masq: MasqueradeRules,
+        *,
+        own_netns_inode: int,
+        fault_hook: FaultHook | None = None,
+    ) -> None:
+        self.ipam = ipam
+        self.masq = masq
+        self.own_netns_inode = own_netns_inode
+        self.fault_hook = fault_hook
+        self._gateways_done: set[tuple[str, int, str]] = set()
+        self._masq_ok = False
+        self._lock = threading.Lock()
+
+    # ---- helpers ---------------------------------------------------------------------------
+    def _fault(self, point: str, req: Request) -> None:
+        if self.fault_hook is not None:
+            self.fault_hook(point, req)
+
+    def _require_netns(self, req: Request) -> int:
+        if req.netns_fd is None:
+            if req.netns_errno == errno.ENOENT:
+                raise CNIError(UNKNOWN_CONTAINER, f"network namespace {req.netns!r} does not exist")
+            reason = os.strerror(req.netns_errno) if req.netns_errno else "not passed"
+            raise CNIError(
+                INVALID_ENVIRONMENT, f"CNI_NETNS {req.netns!r} cannot be opened: {reason}"
+            )
+        if netns_inode(req.netns_fd) == self.own_netns_inode:
+            raise CNIError(
+                INVALID_ENVIRONMENT, f"CNI_NETNS {req.netns!r} is the host's own network namespace"
+            )
+        return req.netns_fd
+
+    def _owner(self, req: Request) -> Owner:
+        a = req.args
+        return Owner(
+            req.conf.name, req.container_id, req.ifname, a.pod_namespace, a.pod_name, a.pod_uid
+        )
+
+    def _requested_ip(self, req: Request) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+        """runtimeConfig.ips > args.cni.ips > CNI_ARGS IP= (the CONVENTIONS precedence); one IP."""
+        raw = req.conf.raw
+        candidates = ci_get(raw.get("runtimeConfig"), "ips") or ci_get(
+            ci_get(raw.get("args"), "cni"), "ips"
+        )
+        if not candidates and req.args.ip:
+            candidates = [req.args.ip]
+        if not candidates:
+            return None
+        if not isinstance(candidates, list) or len(candidates) != 1:
+            raise CNIError(
+                INVALID_NETWORK_CONFIG, f"moor takes exactly one requested IP, got {candidates!r}"
+            )
+        try:
+            return ipaddress.ip_interface(str(candidates[0])).ip
+        except ValueError as exc:
+            raise CNIError(
+                INVALID_NETWORK_CONFIG, f"invalid requested IP {candidates[0]!r}"
+            ) from exc
+
+    def _routes(self, conf: NetConf, alloc: Allocation) -> list[Route]:
+        routes = list(conf.ipam.routes) if conf.ipam else []
+        if (
+            conf.mode == "main"
+            and conf.is_default_gateway
+            and not any(r.dst == DEFAULT_V4 and r.gw for r in routes)
+        ):
+            routes = [r for r in routes if r.dst != DEFAULT_V4] + [Route(DEFAULT_V4, alloc.gateway)]
+        if conf.mode == "ipam" and not routes:
+            routes = [Route(DEFAULT_V4, alloc.gateway)]
+        return routes
+
+    def _ensure_bridge(self, conf: NetConf, alloc: Allocation | None) -> br.LinkInfo:
+        bridge = br.ensure_bridge(conf.bridge, mtu=conf.mtu, promisc=conf.promisc_mode)
+        if alloc is not None and conf.is_gateway:
+            gw = ipaddress.ip_interface(f"{alloc.gateway}/{alloc.subnet.prefixlen}")
+            key = (conf.bridge, bridge.index, str(gw))
+            if key not in self._gateways_done:
+                br.ensure_bridge_address(conf.bridge, gw)
+                br.enable_ip_forward()
+                with self._lock:
+                    self._gateways_done.add(key)
+        return bridge
+
+    # ---- ADD -------------------------------------------------------------------------------
+    def add(self, req: Request) -> Result:
+        if req.conf.mode == "ipam":
+            return self._ipam_add(req)
+        conf = req.conf
+        fd = self._require_netns(req)
+        host_name = veth.host_veth_name(req.container_id, req.ifname)
+        alloc: Allocation | None = None
+        with ExitStack() as undo:
+            if conf.ipam is not None:
+                with ipam_errors():
+                    alloc, existed = self.ipam.allocate(
+                        self._owner(req),
+                        netns=req.netns,
+                        netns_inode=netns_inode(fd),
+                        host_veth=host_name,
+                        requested=self._requested_ip(req),
+                    )
+                if existed:
+                    raise CNIError(
+                        DUPLICATE_ATTACHMENT,
+                        f"{req.container_id}/{req.ifname} already holds {alloc.ip} on network "
+                        f"{conf.name}; duplicate ADD is not allowed",
+                    )
+                undo.callback(self._release_quietly, conf.name, req.container_id, req.ifname)
+            bridge = self._ensure_bridge(conf, alloc)
+            self._fault("after-ipam", req)
+            try:
+                pair = veth.create_veth(
+                    host_name,
+                    req.ifname,
+                    fd,
+                    bridge.index,
+                    mtu=conf.mtu,
+                    mac=conf.mac or req.args.mac or None,
+                    hairpin=conf.hairpin_mode,
+                )
+            except PodInterfaceExists as exc:
+                raise CNIError(
+                    INTERFACE_EXISTS, f"interface {req.ifname!r} already exists in {req.netns}"
+                ) from exc
+            except LinkExists as exc:
+                raise CNIError(
+                    DUPLICATE_ATTACHMENT,
+                    f"host veth {host_name} for {req.container_id}/{req.ifname} already exists",
+                ) from exc
+            undo.callback(veth.delete_host_veth_if_exists, host_name)
+            self._fault("after-veth", req)
+            routes = self._routes(conf, alloc) if alloc else []
+            if alloc is not None:
+                veth.configure_pod_interface(
+                    fd,
+                    req.ifname,
+                    [alloc.interface],
+                    [veth.Route(r.dst, r.gw or alloc.gateway) for r in routes],
+                )
+            else:
+                veth.configure_pod_interface(fd, req.ifname, [], [])
+            if conf.ip_masq and alloc is not None:
+                self._ensure_masquerade()
+            self._fault("before-result", req)
+            undo.pop_all()
+        return Result(
+            interfaces=[
+                Interface(conf.bridge, bridge.mac),
+                Interface(host_name, pair.host.mac),
+                Interface(req.ifname, pair.pod.mac, sandbox=req.netns),
+            ],
+            ips=[IPConfig(alloc.interface, alloc.gateway, interface=2)] if alloc else [],
+            routes=routes,
+            dns=conf.dns,
+        )
+
+    def _ipam_add(self, req: Request) -> Result:
+        with ipam_errors():
+            alloc, existed = self.ipam.allocate(
+                self._owner(req),
+                netns=req.netns,
+                netns_inode=netns_inode(req.netns_fd) if req.netns_fd is not None else 0,
+                requested=self._requested_ip(req),
+            )
+        if existed:
+            raise CNIError(
+                DUPLICATE_ATTACHMENT,
+                f"{req.container_id}/{req.ifname} already holds {alloc.ip} on network {req.conf.name}",
+            )
+        return Result(
+            ips=[IPConfig(alloc.interface, alloc.gateway)], routes=self._routes(req.conf, alloc)
+        )
+
+    def _ensure_masquerade(self) -> None:
+        if self._masq_ok:
+            return
+        with self._lock:
+            self.masq.ensure([self.ipam.network])
+            self._masq_ok = True
+
+    def masquerade_check(self) -> None:
+        """Re-verify the node's masquerade rules (a timer calls this; someone may flush nat)."""
+        if self._masq_ok and not self.masq.is_installed([self.ipam.network]):
+            log.warning("masquerade rules were changed outside moor; restoring them")
+            self.masq.ensure([self.ipam.network])
+
+    def _release_quietly(self, network: str, container_id: str, ifname: str) -> None:
+        try:
+            self.ipam.release(network, container_id, ifname)
+        except Exception:
+            log.exception("rollback: releasing %s/%s/%s failed", network, container_id, ifname)
+
+    # ---- DEL -------------------------------------------------------------------------------
+    def delete(self, req: Request) -> None:
+        conf = req.conf
+        if conf.mode == "main":
+            veth.delete_host_veth_if_exists(veth.host_veth_name(req.container_id, req.ifname))
+        if conf.ipam is not None:
+            with ipam_errors():
+                self.ipam.release(conf.name, req.container_id, req.ifname)
+
+    # ---- CHECK -----------------------------------------------------------------------------
+    def check(self, req: Request) -> None:
+        conf = req.conf
+        prev = conf.prev_result
+        if prev is None:
+            raise CNIError(INVALID_NETWORK_CONFIG, "Required prevResult missing")
+        alloc = None
+        if conf.ipam is not None:
+            alloc = self.ipam.lookup(conf.name, req.container_id, req.ifname)
+            if alloc is None:
+                raise CNIError(
+                    CHECK_FAILED, f"no IPAM reservation for {req.container_id}/{req.ifname}"
+                )
+            if not any(ip.address == alloc.interface for ip in prev.ips):
+                raise CNIError(CHECK_FAILED, f"reserved {alloc.interface} is not in prevResult")
+        if conf.mode == "ipam":
+            return
+        fd = self._require_netns(req)
+        pod = veth.inspect_pod_interface(fd, req.ifname)
+        if pod is None:
+            raise CNIError(CHECK_FAILED, f"interface {req.ifname} is missing in {req.netns}")
+        want = next((i for i in prev.interfaces if i.name == req.ifname and i.sandbox), None)
+        if want is None:
+            raise CNIError(CHECK_FAILED, f"prevResult has no interface {req.ifname} in a sandbox")
+        if pod.kind != "veth":
+            raise CNIError(CHECK_FAILED, f"{req.ifname} is a {pod.kind}, not a veth")
+        if want.mac and pod.mac.lower() != want.mac.lower():
+            raise CNIError(
+                CHECK_FAILED, f"{req.ifname} has MAC {pod.mac}, prevResult says {want.mac}"
+            )
+        index = prev.interfaces.index(want)
+        for ip in prev.ips:
+            if ip.interface == index and ip.address not in pod.addresses:
+                raise CNIError(CHECK_FAILED, f"{req.ifname} lacks address {ip.address}")
+        for route in prev.routes:
+            gw = route.gw or (alloc.gateway if alloc else None)
+            if not any(r.dst == route.dst and (gw is None or r.gw == gw) for r in pod.routes):
+                raise CNIError(
+                    CHECK_FAILED, f"route to {route.dst} via {gw} is missing in {req.netns}"
+                )
+        host_name = veth.host_veth_name(req.container_id, req.ifname)
+        host = veth.inspect_host_veth(host_name)
+        if host is None:
+            raise CNIError(CHECK_FAILED, f"host veth {host_name} is missing")
+        bridge = lookup_bridge(conf.bridge)
+        if bridge is None:
+            raise CNIError(CHECK_FAILED, f"bridge {conf.bridge} is missing")
+        if host.master_index != bridge.index:
+            raise CNIError(CHECK_FAILED, f"host veth {host_name} is not attached to {conf.bridge}")
+        if host.peer_index != pod.index or pod.peer_index != host.index:
+            raise CNIError(CHECK_FAILED, f"host veth {host_name} is not the peer of {req.ifname}")
+
+    # ---- STATUS and GC ---------------------------------------------------------------------
+    def status(self, req: Request) -> None:
+        if req.conf.ipam is None:
+            return
+        reason = self.ipam.not_ready_reason()
+        if reason is not None:
+            raise CNIError(PLUGIN_NOT_AVAILABLE, reason)
+
+    def gc(self, req: Request) -> None:
+        """Release every allocation of this network not in the valid attachments.
+
+        No attachments key at all means the runtime told us nothing: release nothing (see SPEC-NOTES).
+        """
+        if req.valid_attachments is None or req.conf.ipam is None:
+            if req.valid_attachments is None:
+                log.warning(
+                    "GC for %s without cni.dev/valid-attachments: nothing released", req.conf.name
+                )
+            return
+        valid = {(a.container_id, a.ifname) for a in req.valid_attachments}
+        failures = []
+        for alloc in self.ipam.allocations(req.conf.name):
+            if (alloc.owner.container_id, alloc.owner.ifname) in valid:
+                continue
+            try:
+                if req.conf.mode == "main" and alloc.host_veth:
+                    veth.delete_host_veth_if_exists(alloc.host_veth)
+                self.ipam.release(*alloc.owner.handle)
+                log.info(
+                    "GC released %s of %s/%s",
+                    alloc.ip,
+                    alloc.owner.container_id,
+                    alloc.owner.ifname,
+                )
+            except Exception as exc:  # noqa: BLE001 - GC continues past failures and reports them all
+                failures.append(f"{alloc.ip}: {exc}")
+        if failures:
+            raise CNIError(TRY_AGAIN_LATER, "GC could not release: " + "; ".join(failures))

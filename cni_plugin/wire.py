@@ -1,0 +1,61 @@
+"""The daemon side of the shim's wire format (bin/moor writes it; see its docstring).
+
+  request  = b"MOOR1\\0" + b"KEY=VALUE\\0"... + b"\\0" + stdin      (+ the netns fd by SCM_RIGHTS)
+  response = b"<exit code> <stdout length>\\n" + stdout + stderr
+
+The same request bytes, without the fd, are what the shim spools for a DEL the daemon missed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MAGIC = b"MOOR1"
+NETNS_ERRNO_KEY = "MOOR_NETNS_ERRNO"
+
+
+class WireError(ValueError):
+    """A request that is not in the shim's format."""
+
+
+@dataclass
+class WireRequest:
+    env: dict[str, str]
+    stdin: bytes
+    netns_errno: int = 0
+
+
+def encode_request(env: dict[str, str], stdin: bytes) -> bytes:
+    """What the shim sends; used by tests and the replay path."""
+    fields = [MAGIC] + [f"{k}={v}".encode() for k, v in env.items()]
+    return b"\0".join(fields) + b"\0\0" + stdin
+
+
+def decode_request(data: bytes) -> WireRequest:
+    head, sep, stdin = data.partition(b"\0\0")
+    if not sep:
+        raise WireError("request has no end-of-environment marker")
+    fields = head.split(b"\0")
+    if fields[0] != MAGIC:
+        raise WireError("request does not start with the moor wire magic")
+    env: dict[str, str] = {}
+    netns_errno = 0
+    for item in fields[1:]:
+        key, eq, value = item.decode("utf-8", "surrogateescape").partition("=")
+        if not eq:
+            raise WireError(f"malformed environment entry {item!r}")
+        if key == NETNS_ERRNO_KEY:
+            netns_errno = int(value) if value.isdigit() else 0
+        elif key.startswith("CNI_"):
+            env[key] = value
+    return WireRequest(env, stdin, netns_errno)
+
+
+def encode_reply(code: int, stdout: bytes, stderr: bytes = b"") -> bytes:
+    return b"%d %d\n" % (code, len(stdout)) + stdout + stderr
+
+
+def decode_reply(data: bytes) -> tuple[int, bytes, bytes]:
+    head, _, body = data.partition(b"\n")
+    code, length = (int(x) for x in head.split(b" "))
+    return code, body[:length], body[length:]

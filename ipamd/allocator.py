@@ -1,0 +1,375 @@
+"""Pod IP allocation from the node's subnets: one store transaction per IP, the free set in memory.
+
+Policy:
+- never the network, gateway (first host) or broadcast address;
+- fresh addresses first, in ascending order; released addresses go to the back of a FIFO and are
+  reused only after a cooldown, so firewalls, DNS and monitoring keyed on a just-freed IP do not see
+  it on another pod at once;
+- when the node's subnets hold no fresh or cooled-off address, lease one more subnet; only when the
+  cluster network is full is a still-cooling address reused (oldest first), and only when there is
+  none of those either does allocation fail.
+
+Every claim is create-if-absent on the IP key plus the handle key in one transaction. Every release
+compares the IP record's owner and revision, so a stale release never frees an IP someone else holds.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ipamd.errors import NetworkExhausted, RequestedIPUnavailable
+from ipamd.leases import SubnetLeaseManager
+from ipamd.model import Allocation, IPAddress, IPNetwork, Owner
+from ipamd.store.base import Compare, Delete, Put, Store
+from ipamd.store.keys import Keys
+
+log = logging.getLogger(__name__)
+TXN_RETRIES = 16
+
+
+@dataclass
+class SubnetPool:
+    """One leased subnet's free set. `cursor` walks never-used addresses; `released` is the FIFO."""
+
+    subnet: IPNetwork
+    used: set[IPAddress] = field(default_factory=set)
+    pending: set[IPAddress] = field(default_factory=set)
+    released: deque[tuple[IPAddress, float]] = field(default_factory=deque)
+    cursor: int = 0
+
+    def __post_init__(self) -> None:
+        self.cursor = self.first
+
+    @property
+    def gateway(self) -> IPAddress:
+        return self.subnet.network_address + 1
+
+    @property
+    def first(self) -> int:
+        return int(self.subnet.network_address) + 2
+
+    @property
+    def last(self) -> int:
+        # IPv4 skips broadcast; IPv6 has none.
+        return int(self.subnet.broadcast_address) - (1 if self.subnet.version == 4 else 0)
+
+    @property
+    def total(self) -> int:
+        return max(0, self.last - self.first + 1)
+
+    def usable(self, ip: IPAddress) -> bool:
+        return ip in self.subnet and self.first <= int(ip) <= self.last
+
+    def take_fresh(self) -> IPAddress | None:
+        released = {ip for ip, _ in self.released}
+        while self.cursor <= self.last:
+            ip = ipaddress.ip_address(self.cursor)
+            self.cursor += 1
+            if ip not in self.used and ip not in self.pending and ip not in released:
+                return ip
+        return None
+
+    def take_released(self, now: float, cooldown: float, force: bool = False) -> IPAddress | None:
+        while self.released:
+            ip, at = self.released[0]
+            if ip in self.used or ip in self.pending:
+                self.released.popleft()
+                continue
+            if force or now - at >= cooldown:
+                self.released.popleft()
+                return ip
+            return None
+        return None
+
+    def cooling(self, now: float, cooldown: float) -> int:
+        return sum(1 for ip, at in self.released if now - at < cooldown and ip not in self.used)
+
+
+@dataclass(frozen=True)
+class PoolStatus:
+    subnet: IPNetwork
+    gateway: IPAddress
+    total: int
+    used: int
+    cooling: int
+
+    @property
+    def free(self) -> int:
+        return self.total - self.used - self.cooling
+
+
+class NodeAllocator:
+    def __init__(
+        self,
+        store: Store,
+        keys: Keys,
+        node: str,
+        leases: SubnetLeaseManager,
+        *,
+        cooldown: float = 60.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.keys = keys
+        self.node = node
+        self.leases = leases
+        self.cooldown = cooldown
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._grow_lock = threading.Lock()
+        self._pools: dict[IPNetwork, SubnetPool] = {}
+        self._by_handle: dict[tuple[str, str, str], Allocation] = {}
+
+    # ---- loading ---------------------------------------------------------------------------
+    def load(self) -> None:
+        """Rebuild the in-memory free sets and handle index from the store."""
+        subnets = self.leases.subnets
+        pools = {s: SubnetPool(s) for s in subnets}
+        by_handle: dict[tuple[str, str, str], Allocation] = {}
+        items, _ = self.store.list_prefix(self.keys.ips_prefix())
+        for kv in items:
+            ip = self.keys.parse_ip(kv.key)
+            pool = self._pool_for(ip, pools) if ip is not None else None
+            if ip is None or pool is None:
+                continue
+            alloc = Allocation.from_json(ip, kv.value)
+            pool.used.add(ip)
+            by_handle[alloc.owner.handle] = alloc
+        released: list[tuple[float, IPAddress]] = []
+        for kv in self.store.list_prefix(self.keys.released_prefix())[0]:
+            ip = self.keys.parse_released(kv.key)
+            if ip is not None and self._pool_for(ip, pools) is not None:
+                released.append((float(json.loads(kv.value).get("releasedAt", 0)), ip))
+        for at, ip in sorted(released):
+            pool = self._pool_for(ip, pools)
+            if pool is not None and ip not in pool.used:
+                pool.released.append((ip, at))
+        with self._lock:
+            self._pools = pools
+            self._by_handle = by_handle
+
+    @staticmethod
+    def _pool_for(ip: IPAddress, pools: dict[IPNetwork, SubnetPool]) -> SubnetPool | None:
+        for subnet, pool in pools.items():
+            if ip in subnet:
+                return pool
+        return None
+
+    def _add_pool(self, subnet: IPNetwork) -> None:
+        with self._lock:
+            self._pools.setdefault(subnet, SubnetPool(subnet))
+
+    # ---- allocation ------------------------------------------------------------------------
+    def allocate(
+        self,
+        owner: Owner,
+        *,
+        netns: str = "",
+        netns_inode: int = 0,
+        host_veth: str = "",
+        requested: IPAddress | None = None,
+    ) -> tuple[Allocation, bool]:
+        """Claim an IP for `owner`; returns (allocation, existed). Idempotent per handle."""
+        with self._lock:
+            existing = self._by_handle.get(owner.handle)
+        if existing is not None:
+            return existing, True
+        handle_key = self.keys.handle(*owner.handle)
+        for _ in range(TXN_RETRIES):
+            ip, pool = self._pick(requested)
+            alloc = Allocation(
+                ip, pool.subnet, owner, self.node, self.clock(), netns, netns_inode, host_veth
+            )
+            ip_key = self.keys.ip(ip)
+            try:
+                result = self.store.txn(
+                    [Compare(ip_key, 0), Compare(handle_key, 0)],
+                    [
+                        Put(ip_key, alloc.to_json()),
+                        Put(handle_key, str(ip).encode()),
+                        Delete(self.keys.released(ip)),
+                    ],
+                )
+            except BaseException:
+                self._unpend(pool, ip, requeue=True)
+                raise
+            if result.succeeded:
+                with self._lock:
+                    pool.pending.discard(ip)
+                    pool.used.add(ip)
+                    self._by_handle[owner.handle] = alloc
+                return alloc, False
+            self._unpend(pool, ip, requeue=False)
+            found = self._load_handle(owner)
+            if found is not None:
+                return found, True
+            taken = self.store.get(ip_key)
+            if taken is not None:
+                with self._lock:
+                    pool.used.add(ip)
+            if requested is not None:
+                raise RequestedIPUnavailable(f"requested IP {requested} is already allocated")
+        raise NetworkExhausted(f"gave up after {TXN_RETRIES} conflicting allocation attempts")
+
+    def _unpend(self, pool: SubnetPool, ip: IPAddress, *, requeue: bool) -> None:
+        with self._lock:
+            pool.pending.discard(ip)
+            if requeue:
+                pool.released.appendleft((ip, 0.0))
+
+    def _pick(self, requested: IPAddress | None) -> tuple[IPAddress, SubnetPool]:
+        if requested is not None:
+            with self._lock:
+                return self._pick_requested(requested)
+        got = self._pick_available()
+        if got is not None:
+            return got
+        with self._grow_lock:  # one caller leases the next subnet; the others then find it
+            got = self._pick_available()
+            if got is not None:
+                return got
+            try:
+                subnet = self.leases.acquire_additional()
+            except NetworkExhausted:
+                got = self._pick_available(force_cooling=True)
+                if got is not None:
+                    log.warning(
+                        "cluster network full: reusing %s before its cooldown ended", got[0]
+                    )
+                    return got
+                raise
+            self._add_pool(subnet)
+            got = self._pick_available()
+        if got is None:
+            raise NetworkExhausted(f"new subnet {subnet} has no usable address")
+        return got
+
+    def _pick_available(self, force_cooling: bool = False) -> tuple[IPAddress, SubnetPool] | None:
+        """A fresh address, else a cooled-off released one (any cooling one when forced)."""
+        with self._lock:
+            now = self.clock()
+            pools = list(self._pools.values())
+            for pool in pools:
+                ip = pool.take_fresh()
+                if ip is not None:
+                    pool.pending.add(ip)
+                    return ip, pool
+            for pool in pools:
+                ip = pool.take_released(now, self.cooldown, force=force_cooling)
+                if ip is not None:
+                    pool.pending.add(ip)
+                    return ip, pool
+        return None
+
+    def _pick_requested(self, ip: IPAddress) -> tuple[IPAddress, SubnetPool]:
+        pool = self._pool_for(ip, self._pools)
+        if pool is None or not pool.usable(ip):
+            raise RequestedIPUnavailable(
+                f"requested IP {ip} is not a pod address of this node's subnets"
+            )
+        if ip in pool.used or ip in pool.pending:
+            raise RequestedIPUnavailable(f"requested IP {ip} is already allocated")
+        pool.released = deque((r, at) for r, at in pool.released if r != ip)
+        pool.pending.add(ip)
+        return ip, pool
+
+    def _load_handle(self, owner: Owner) -> Allocation | None:
+        """The allocation a concurrent call made for this handle, if any."""
+        kv = self.store.get(self.keys.handle(*owner.handle))
+        if kv is None:
+            return None
+        ip = ipaddress.ip_address(kv.value.decode())
+        rec = self.store.get(self.keys.ip(ip))
+        if rec is None:
+            return None
+        alloc = Allocation.from_json(ip, rec.value)
+        if alloc.owner.handle != owner.handle:
+            return None
+        with self._lock:
+            self._by_handle[owner.handle] = alloc
+        return alloc
+
+    # ---- release ---------------------------------------------------------------------------
+    def release(self, network: str, container_id: str, ifname: str) -> Allocation | None:
+        """Free the IP held by this handle, comparing owner and revision; None if it held none."""
+        handle = (network, container_id, ifname)
+        handle_key = self.keys.handle(*handle)
+        for _ in range(TXN_RETRIES):
+            hkv = self.store.get(handle_key)
+            if hkv is None:
+                with self._lock:
+                    self._by_handle.pop(handle, None)
+                return None
+            try:
+                ip = ipaddress.ip_address(hkv.value.decode())
+            except ValueError:
+                ip = None
+            compares = [Compare(handle_key, hkv.mod_revision)]
+            ops: list[Put | Delete] = [Delete(handle_key)]
+            alloc = None
+            if ip is not None and (ikv := self.store.get(self.keys.ip(ip))) is not None:
+                candidate = Allocation.from_json(ip, ikv.value)
+                if candidate.owner.handle == handle:
+                    alloc = candidate
+                    now = self.clock()
+                    compares.append(Compare(self.keys.ip(ip), ikv.mod_revision))
+                    ops += [
+                        Delete(self.keys.ip(ip)),
+                        Put(
+                            self.keys.released(ip),
+                            json.dumps({"releasedAt": now, "node": self.node}).encode(),
+                        ),
+                    ]
+                else:
+                    log.warning(
+                        "handle %s points at %s, which %s now holds: dropping only the handle",
+                        handle,
+                        ip,
+                        candidate.owner.handle,
+                    )
+            if self.store.txn(compares, ops).succeeded:
+                with self._lock:
+                    self._by_handle.pop(handle, None)
+                    if alloc is not None:
+                        pool = self._pool_for(alloc.ip, self._pools)
+                        if pool is not None:
+                            pool.used.discard(alloc.ip)
+                            pool.released.append((alloc.ip, self.clock()))
+                return alloc
+        raise RuntimeError(f"release of {handle} kept conflicting")
+
+    # ---- views -----------------------------------------------------------------------------
+    def get(self, network: str, container_id: str, ifname: str) -> Allocation | None:
+        with self._lock:
+            return self._by_handle.get((network, container_id, ifname))
+
+    def allocations(self, network: str | None = None) -> list[Allocation]:
+        with self._lock:
+            items = list(self._by_handle.values())
+        return sorted(
+            (a for a in items if network is None or a.owner.network == network),
+            key=lambda a: (a.subnet.version, int(a.ip)),
+        )
+
+    def stored(self, alloc: Allocation) -> Allocation | None:
+        """Re-read an allocation from the store (for GC re-validation); None if it changed hands."""
+        kv = self.store.get(self.keys.ip(alloc.ip))
+        if kv is None:
+            return None
+        current = Allocation.from_json(alloc.ip, kv.value)
+        return current if current.owner == alloc.owner and current.since == alloc.since else None
+
+    def status(self) -> list[PoolStatus]:
+        now = self.clock()
+        with self._lock:
+            return [
+                PoolStatus(p.subnet, p.gateway, p.total, len(p.used), p.cooling(now, self.cooldown))
+                for p in sorted(self._pools.values(), key=lambda p: int(p.subnet.network_address))
+            ]

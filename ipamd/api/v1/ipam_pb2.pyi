@@ -1,0 +1,159 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Owner(_message.Message):
+    __slots__ = ("network", "container_id", "ifname", "pod_namespace", "pod_name", "pod_uid")
+    NETWORK_FIELD_NUMBER: _ClassVar[int]
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    IFNAME_FIELD_NUMBER: _ClassVar[int]
+    POD_NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    POD_NAME_FIELD_NUMBER: _ClassVar[int]
+    POD_UID_FIELD_NUMBER: _ClassVar[int]
+    network: str
+    container_id: str
+    ifname: str
+    pod_namespace: str
+    pod_name: str
+    pod_uid: str
+    def __init__(self, network: _Optional[str] = ..., container_id: _Optional[str] = ..., ifname: _Optional[str] = ..., pod_namespace: _Optional[str] = ..., pod_name: _Optional[str] = ..., pod_uid: _Optional[str] = ...) -> None: ...
+
+class Allocation(_message.Message):
+    __slots__ = ("ip", "gateway", "subnet", "owner", "node", "since", "netns", "host_veth")
+    IP_FIELD_NUMBER: _ClassVar[int]
+    GATEWAY_FIELD_NUMBER: _ClassVar[int]
+    SUBNET_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    NETNS_FIELD_NUMBER: _ClassVar[int]
+    HOST_VETH_FIELD_NUMBER: _ClassVar[int]
+    ip: str
+    gateway: str
+    subnet: str
+    owner: Owner
+    node: str
+    since: float
+    netns: str
+    host_veth: str
+    def __init__(self, ip: _Optional[str] = ..., gateway: _Optional[str] = ..., subnet: _Optional[str] = ..., owner: _Optional[_Union[Owner, _Mapping]] = ..., node: _Optional[str] = ..., since: _Optional[float] = ..., netns: _Optional[str] = ..., host_veth: _Optional[str] = ...) -> None: ...
+
+class AllocateRequest(_message.Message):
+    __slots__ = ("owner", "requested_ip", "netns")
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    REQUESTED_IP_FIELD_NUMBER: _ClassVar[int]
+    NETNS_FIELD_NUMBER: _ClassVar[int]
+    owner: Owner
+    requested_ip: str
+    netns: str
+    def __init__(self, owner: _Optional[_Union[Owner, _Mapping]] = ..., requested_ip: _Optional[str] = ..., netns: _Optional[str] = ...) -> None: ...
+
+class AllocateResponse(_message.Message):
+    __slots__ = ("allocation", "existed")
+    ALLOCATION_FIELD_NUMBER: _ClassVar[int]
+    EXISTED_FIELD_NUMBER: _ClassVar[int]
+    allocation: Allocation
+    existed: bool
+    def __init__(self, allocation: _Optional[_Union[Allocation, _Mapping]] = ..., existed: _Optional[bool] = ...) -> None: ...
+
+class Handle(_message.Message):
+    __slots__ = ("network", "container_id", "ifname")
+    NETWORK_FIELD_NUMBER: _ClassVar[int]
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    IFNAME_FIELD_NUMBER: _ClassVar[int]
+    network: str
+    container_id: str
+    ifname: str
+    def __init__(self, network: _Optional[str] = ..., container_id: _Optional[str] = ..., ifname: _Optional[str] = ...) -> None: ...
+
+class ReleaseRequest(_message.Message):
+    __slots__ = ("handle",)
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    handle: Handle
+    def __init__(self, handle: _Optional[_Union[Handle, _Mapping]] = ...) -> None: ...
+
+class ReleaseResponse(_message.Message):
+    __slots__ = ("released", "ip")
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
+    IP_FIELD_NUMBER: _ClassVar[int]
+    released: bool
+    ip: str
+    def __init__(self, released: _Optional[bool] = ..., ip: _Optional[str] = ...) -> None: ...
+
+class CheckRequest(_message.Message):
+    __slots__ = ("handle",)
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    handle: Handle
+    def __init__(self, handle: _Optional[_Union[Handle, _Mapping]] = ...) -> None: ...
+
+class CheckResponse(_message.Message):
+    __slots__ = ("found", "allocation")
+    FOUND_FIELD_NUMBER: _ClassVar[int]
+    ALLOCATION_FIELD_NUMBER: _ClassVar[int]
+    found: bool
+    allocation: Allocation
+    def __init__(self, found: _Optional[bool] = ..., allocation: _Optional[_Union[Allocation, _Mapping]] = ...) -> None: ...
+
+class Attachment(_message.Message):
+    __slots__ = ("container_id", "ifname")
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    IFNAME_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    ifname: str
+    def __init__(self, container_id: _Optional[str] = ..., ifname: _Optional[str] = ...) -> None: ...
+
+class GCRequest(_message.Message):
+    __slots__ = ("network", "valid_attachments")
+    NETWORK_FIELD_NUMBER: _ClassVar[int]
+    VALID_ATTACHMENTS_FIELD_NUMBER: _ClassVar[int]
+    network: str
+    valid_attachments: _containers.RepeatedCompositeFieldContainer[Attachment]
+    def __init__(self, network: _Optional[str] = ..., valid_attachments: _Optional[_Iterable[_Union[Attachment, _Mapping]]] = ...) -> None: ...
+
+class GCResponse(_message.Message):
+    __slots__ = ("released",)
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
+    released: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, released: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SubnetStatus(_message.Message):
+    __slots__ = ("subnet", "gateway", "total", "used", "free", "cooling")
+    SUBNET_FIELD_NUMBER: _ClassVar[int]
+    GATEWAY_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    USED_FIELD_NUMBER: _ClassVar[int]
+    FREE_FIELD_NUMBER: _ClassVar[int]
+    COOLING_FIELD_NUMBER: _ClassVar[int]
+    subnet: str
+    gateway: str
+    total: int
+    used: int
+    free: int
+    cooling: int
+    def __init__(self, subnet: _Optional[str] = ..., gateway: _Optional[str] = ..., total: _Optional[int] = ..., used: _Optional[int] = ..., free: _Optional[int] = ..., cooling: _Optional[int] = ...) -> None: ...
+
+class StatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StatusResponse(_message.Message):
+    __slots__ = ("node", "ready", "reason", "network", "subnets", "allocations", "cooldown_seconds")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    NETWORK_FIELD_NUMBER: _ClassVar[int]
+    SUBNETS_FIELD_NUMBER: _ClassVar[int]
+    ALLOCATIONS_FIELD_NUMBER: _ClassVar[int]
+    COOLDOWN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    ready: bool
+    reason: str
+    network: str
+    subnets: _containers.RepeatedCompositeFieldContainer[SubnetStatus]
+    allocations: _containers.RepeatedCompositeFieldContainer[Allocation]
+    cooldown_seconds: float
+    def __init__(self, node: _Optional[str] = ..., ready: _Optional[bool] = ..., reason: _Optional[str] = ..., network: _Optional[str] = ..., subnets: _Optional[_Iterable[_Union[SubnetStatus, _Mapping]]] = ..., allocations: _Optional[_Iterable[_Union[Allocation, _Mapping]]] = ..., cooldown_seconds: _Optional[float] = ...) -> None: ...

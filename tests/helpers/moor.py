@@ -1,0 +1,334 @@
+"""Test harness for the real thing: a moor-ipamd subprocess, real netns, and two CNI runtimes.
+
+- `Daemon` starts `python -m ipamd` with its own sockets, SQLite store, spool, bridge, network and
+  masquerade chain, so several can run side by side (one per simulated node).
+- `ExecRuntime` execs bin/moor directly with CNI_* env and stdin, and keeps results the way libcni
+  does, so CHECK and DEL get the ADD result as prevResult.
+- `LibcniRuntime` goes through the Go libcni driver (tests/cnidrv), the real runtime library.
+Both return a `Outcome` so one test body runs through either.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tests.helpers import cnidrv
+
+REPO = Path(__file__).resolve().parents[2]
+SHIM = REPO / "bin" / "moor"
+REFERENCE_PLUGINS = "/usr/lib/cni"
+
+
+@dataclass
+class Outcome:
+    rc: int
+    out: dict[str, Any]
+    stderr: str
+
+    @property
+    def code(self) -> int | None:
+        return self.out.get("code")
+
+
+def run_cmd(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(list(args), capture_output=True, text=True, check=check)
+
+
+def make_netns(name: str) -> str:
+    run_cmd("ip", "netns", "add", name)
+    run_cmd("ip", "-n", name, "link", "set", "lo", "up")
+    return f"/run/netns/{name}"
+
+
+def delete_netns(name: str) -> None:
+    run_cmd("ip", "netns", "del", name, check=False)
+
+
+@dataclass
+class Daemon:
+    """One moor-ipamd, as one simulated node."""
+
+    workdir: Path
+    name: str
+    network: str
+    bridge: str
+    subnet_len: int = 24
+    cooldown: float = 60.0
+    extra_args: list[str] = field(default_factory=list)
+    proc: subprocess.Popen | None = None
+
+    @property
+    def cni_socket(self) -> str:
+        return str(self.workdir / "run" / "cni.sock")
+
+    @property
+    def grpc_socket(self) -> str:
+        return str(self.workdir / "run" / "ipamd.sock")
+
+    @property
+    def spool_dir(self) -> str:
+        return str(self.workdir / "spool")
+
+    @property
+    def masq_chain(self) -> str:
+        return f"{self.name.upper()}-MASQ"[:28]
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "ipamd.log"
+
+    def argv(self) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "ipamd",
+            "--node-name",
+            self.name,
+            "--store",
+            f"sqlite://{self.workdir}/store.db",
+            "--network",
+            self.network,
+            "--subnet-len",
+            str(self.subnet_len),
+            "--cni-socket",
+            self.cni_socket,
+            "--grpc-socket",
+            self.grpc_socket,
+            "--spool-dir",
+            self.spool_dir,
+            "--state-dir",
+            str(self.workdir / "state"),
+            "--masq-chain",
+            self.masq_chain,
+            "--cooldown",
+            str(self.cooldown),
+            "--log-level",
+            "debug",
+            "--enable-fault-injection",
+            *self.extra_args,
+        ]
+
+    def start(self, timeout: float = 15.0) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the process
+        self.proc = subprocess.Popen(self.argv(), cwd=REPO, stdout=log, stderr=log)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"moor-ipamd exited {self.proc.returncode}:\n{self.log_path.read_text()}"
+                )
+            if os.path.exists(self.cni_socket) and os.path.exists(self.grpc_socket):
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"moor-ipamd not ready in {timeout}s:\n{self.log_path.read_text()}")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def cleanup_host(self) -> None:
+        """Remove what this daemon's node left on the host: bridge, masquerade chain."""
+        self.stop()
+        run_cmd("ip", "link", "del", self.bridge, check=False)
+        with contextlib.suppress(Exception):
+            from cni_plugin.datapath.masq import MasqueradeRules
+
+            MasqueradeRules(self.masq_chain).remove()
+
+    def plugin(self, **options: Any) -> dict[str, Any]:
+        """A moor plugin object for a conflist."""
+        conf: dict[str, Any] = {
+            "type": "moor",
+            "bridge": self.bridge,
+            "isGateway": True,
+            "isDefaultGateway": True,
+            "ipMasq": True,
+            "daemonSocket": self.cni_socket,
+            "spoolDir": self.spool_dir,
+        }
+        conf.update(options)
+        return {k: v for k, v in conf.items() if v is not None}
+
+    def ipam_section(self, **options: Any) -> dict[str, Any]:
+        return {
+            "type": "moor",
+            "daemonSocket": self.cni_socket,
+            "spoolDir": self.spool_dir,
+            **options,
+        }
+
+    def moorctl(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "ipamd.cli", "--socket", self.grpc_socket, *args],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+
+    def status(self) -> dict[str, Any]:
+        proc = self.moorctl("status", "--json")
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)
+
+
+def plugin_config(name: str, version: str, plugin: dict[str, Any]) -> dict[str, Any]:
+    """The per-plugin stdin a runtime derives from a one-plugin list (name and version injected)."""
+    return {"cniVersion": version, "name": name, **plugin}
+
+
+class ExecRuntime:
+    """Direct exec of the CNI executable, caching results like libcni for CHECK/DEL prevResult."""
+
+    kind = "exec"
+
+    def __init__(self, plugin_path: Path = SHIM) -> None:
+        self.plugin_path = plugin_path
+        self.cache: dict[tuple[str, str, str], dict[str, Any]] = {}
+
+    def call(
+        self,
+        command: str,
+        conf: dict[str, Any],
+        *,
+        container_id: str = "",
+        netns: str = "",
+        ifname: str = "eth0",
+        cni_args: str = "",
+        plugin_path: Path | None = None,
+        extra_env: dict[str, str] | None = None,
+    ) -> Outcome:
+        env = {
+            "CNI_COMMAND": command,
+            "CNI_CONTAINERID": container_id,
+            "CNI_NETNS": netns,
+            "CNI_IFNAME": ifname,
+            "CNI_ARGS": cni_args,
+            "CNI_PATH": f"{SHIM.parent}:{REFERENCE_PLUGINS}",
+            "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+            **(extra_env or {}),
+        }
+        proc = subprocess.run(
+            [str(plugin_path or self.plugin_path)],
+            input=json.dumps(conf).encode(),
+            env=env,
+            capture_output=True,
+            timeout=60,
+        )
+        out = json.loads(proc.stdout) if proc.stdout.strip() else {}
+        return Outcome(proc.returncode, out, proc.stderr.decode(errors="replace"))
+
+    def _with_prev(self, conf: dict[str, Any], key: tuple[str, str, str]) -> dict[str, Any]:
+        prev = self.cache.get(key)
+        if prev is not None and conf["cniVersion"] >= "0.4.0":
+            return {**conf, "prevResult": prev}
+        return conf
+
+    def add(
+        self, conf: dict[str, Any], netns: str, container_id: str, ifname: str = "eth0", **kw: Any
+    ) -> Outcome:
+        outcome = self.call(
+            "ADD", conf, container_id=container_id, netns=netns, ifname=ifname, **kw
+        )
+        if outcome.rc == 0:
+            self.cache[(conf["name"], container_id, ifname)] = outcome.out
+        return outcome
+
+    def check(
+        self, conf: dict[str, Any], netns: str, container_id: str, ifname: str = "eth0", **kw: Any
+    ) -> Outcome:
+        full = self._with_prev(conf, (conf["name"], container_id, ifname))
+        return self.call("CHECK", full, container_id=container_id, netns=netns, ifname=ifname, **kw)
+
+    def delete(
+        self, conf: dict[str, Any], netns: str, container_id: str, ifname: str = "eth0", **kw: Any
+    ) -> Outcome:
+        key = (conf["name"], container_id, ifname)
+        outcome = self.call(
+            "DEL",
+            self._with_prev(conf, key),
+            container_id=container_id,
+            netns=netns,
+            ifname=ifname,
+            **kw,
+        )
+        if outcome.rc == 0:
+            self.cache.pop(key, None)
+        return outcome
+
+
+class LibcniRuntime:
+    """The Go libcni driver: conflists in a NETCONFPATH, results cached by libcni itself."""
+
+    kind = "libcni"
+
+    def __init__(self, workdir: Path) -> None:
+        self.binary = cnidrv.build()
+        self.netconf_dir = workdir / "net.d"
+        self.cache_dir = workdir / "cni-cache"
+        self.bin_dir = workdir / "cni-bin"
+        self.netconf_dir.mkdir(parents=True, exist_ok=True)
+        self.bin_dir.mkdir(parents=True, exist_ok=True)
+        link = self.bin_dir / "moor"
+        if not link.exists():
+            link.symlink_to(SHIM)
+
+    def _write(self, conf: dict[str, Any]) -> str:
+        plugin = {k: v for k, v in conf.items() if k not in ("cniVersion", "name")}
+        conflist = {"cniVersion": conf["cniVersion"], "name": conf["name"], "plugins": [plugin]}
+        (self.netconf_dir / f"{conf['name']}.conflist").write_text(json.dumps(conflist))
+        return conf["name"]
+
+    def _run(
+        self,
+        verb: str,
+        conf: dict[str, Any],
+        netns: str,
+        container_id: str,
+        ifname: str,
+        cni_args: str = "",
+    ) -> Outcome:
+        proc = cnidrv.run(
+            verb,
+            self._write(conf),
+            netns,
+            netconf_dir=self.netconf_dir,
+            cni_path=[str(self.bin_dir), REFERENCE_PLUGINS],
+            cache_dir=self.cache_dir,
+            ifname=ifname,
+            cni_args=cni_args or None,
+            container_id=container_id,
+        )
+        out = json.loads(proc.stdout) if proc.stdout.strip() else {}
+        return Outcome(proc.returncode, out, proc.stderr)
+
+    def add(
+        self, conf: dict[str, Any], netns: str, container_id: str, ifname: str = "eth0", **kw: Any
+    ) -> Outcome:
+        return self._run("add", conf, netns, container_id, ifname, **kw)
+
+    def check(
+        self, conf: dict[str, Any], netns: str, container_id: str, ifname: str = "eth0", **kw: Any
+    ) -> Outcome:
+        return self._run("check", conf, netns, container_id, ifname, **kw)
+
+    def delete(
+        self, conf: dict[str, Any], netns: str, container_id: str, ifname: str = "eth0", **kw: Any
+    ) -> Outcome:
+        return self._run("del", conf, netns, container_id, ifname, **kw)
