@@ -5,9 +5,16 @@ CI sets CI=true. There, a missing capability is a broken machine, not a reason t
 
 from __future__ import annotations
 
+import itertools
 import os
+import secrets
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
+
+from tests.helpers.moor import Daemon, ExecRuntime, LibcniRuntime, delete_netns, make_netns
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -28,14 +35,9 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 # ---- end-to-end fixtures: a real daemon, real netns, two runtimes --------------------------------
 
-import itertools  # noqa: E402
-import subprocess  # noqa: E402
-from collections.abc import Callable, Iterator  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from tests.helpers.moor import Daemon, ExecRuntime, LibcniRuntime, delete_netns, make_netns  # noqa: E402
 
 _netns_ids = itertools.count()
+_run_id = secrets.token_hex(3)  # unique per pytest run, so concurrent sessions never share a name
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -73,7 +75,7 @@ def netns() -> Iterator[Callable[[], tuple[str, str]]]:
     made: list[str] = []
 
     def factory() -> tuple[str, str]:
-        name = f"mte-{os.getpid() % 10000}-{next(_netns_ids)}"
+        name = f"mte-{_run_id}-{next(_netns_ids)}"
         path = make_netns(name)
         made.append(name)
         return name, path

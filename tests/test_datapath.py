@@ -249,6 +249,9 @@ def test_ensure_bridge_create_reuse_and_clash(br_name: str, host_links: list[str
     again = bridge.ensure_bridge(br_name, mtu=1400)
     assert again == info
     assert "UP" in iface_flags(oracle.link(br_name) or {})
+    assert bridge.ensure_bridge(br_name, mtu=1300, promisc=True) == info
+    link = oracle.link(br_name) or {}
+    assert "PROMISC" in iface_flags(link) and link["mtu"] == 1300
 
     # An existing non-bridge link of that name is never adopted.
     other = f"mdpbr{secrets.token_hex(3)}"
