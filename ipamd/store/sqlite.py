@@ -443,7 +443,8 @@ class SqliteStore(StoreBase):
             row = conn.execute(q, (lease_id,)).fetchone()
         if row is None:
             return None
-        return max(0.0, row[0] - self._clock())
+        expires_at: float = row[0]
+        return max(0.0, expires_at - self._clock())
 
     def compact(self, revision: int) -> None:
         """Drop watch history below `revision` now (etcd's Compact), beyond `history` trimming."""

@@ -1,0 +1,734 @@
+"""The store contract (ipamd/store/base.py), run against every backend.
+
+Each test talks to `store` only through the contract, so the same tests pin the etcd backend
+down later. To add a backend: append it to BACKENDS and add a branch in `backend()`. Time is
+abstracted by `elapse`/`expire`: a backend with an injectable clock advances it (instant and
+deterministic); a real one (etcd) sleeps, which is why lease TTLs here are short.
+
+Backend-specific tests (SQLite history trimming, multi-process, locking, open_store) are at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from ipamd.store import (
+    Compare,
+    Delete,
+    LeaseNotFound,
+    Put,
+    Store,
+    StoreError,
+    StoreUnavailable,
+    WatchCompacted,
+    WatchEvent,
+    open_store,
+)
+from ipamd.store.sqlite import SqliteStore
+
+BACKENDS = ["sqlite"]
+
+LEASE_TTL = 2.0  # seconds; real backends sleep for this, so keep it small
+
+
+class FakeClock:
+    """Wall clock the test moves by hand, so lease expiry is instant and deterministic."""
+
+    def __init__(self) -> None:
+        self.now = 1_700_000_000.0
+        self._lock = threading.Lock()
+
+    def __call__(self) -> float:
+        with self._lock:
+            return self.now
+
+    def advance(self, seconds: float) -> None:
+        with self._lock:
+            self.now += seconds
+
+
+@dataclass
+class Backend:
+    kind: str
+    store: Store
+    clock: FakeClock | None  # None: real time, `elapse` sleeps
+    open_peer: Callable[[], Store]  # another client on the same state (file, cluster)
+    compact: Callable[[int], None]  # discard watch history below a revision
+    opened: list[Store] = field(default_factory=list)
+
+
+_BACKENDS_BY_STORE: dict[int, Backend] = {}
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    if request.param == "sqlite":
+        clock = FakeClock()
+        path = str(tmp_path / "state.db")
+        opened: list[Store] = []
+
+        def open_peer() -> Store:
+            s = SqliteStore(path, clock=clock)
+            opened.append(s)
+            return s
+
+        store = open_peer()
+        assert isinstance(store, SqliteStore)
+        b = Backend("sqlite", store, clock, open_peer, store.compact, opened)
+    else:  # pragma: no cover - a backend listed without a branch here
+        raise AssertionError(f"no fixture branch for backend {request.param!r}")
+    _BACKENDS_BY_STORE[id(store)] = b
+    yield b
+    del _BACKENDS_BY_STORE[id(store)]
+    for s in b.opened:
+        s.close()
+
+
+@pytest.fixture
+def store(backend: Backend) -> Store:
+    return backend.store
+
+
+def elapse(store: Store, seconds: float) -> None:
+    """Let `seconds` of lease time pass for this backend."""
+    clock = _BACKENDS_BY_STORE[id(store)].clock
+    if clock is not None:
+        clock.advance(seconds)
+    else:
+        time.sleep(seconds)
+
+
+def expire(store: Store, lease: int, ttl: float) -> None:
+    """Let a lease with `ttl` seconds left run out, and wait until the backend has reaped it."""
+    fake = _BACKENDS_BY_STORE[id(store)].clock is not None
+    elapse(store, ttl + (0.001 if fake else 0.5))
+    deadline = time.monotonic() + 5.0
+    while store.lease_ttl_remaining(lease) is not None:
+        assert time.monotonic() < deadline, f"lease {lease} did not expire"
+        time.sleep(0.05)
+
+
+class Collector:
+    """Drains a watch on a thread, so a test can wait for events with a deadline."""
+
+    def __init__(self, store: Store, prefix: str, start_revision: int) -> None:
+        self.stop = threading.Event()
+        self.events: list[WatchEvent] = []
+        self.error: BaseException | None = None
+        self._it = store.watch(prefix, start_revision, self.stop)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for ev in self._it:
+                self.events.append(ev)
+        except BaseException as e:  # re-raised in the test thread
+            self.error = e
+
+    def wait_for(self, n: int, timeout: float = 5.0) -> list[WatchEvent]:
+        deadline = time.monotonic() + timeout
+        while len(self.events) < n and self.error is None and time.monotonic() < deadline:
+            time.sleep(0.002)
+        if self.error is not None:
+            raise self.error
+        assert len(self.events) >= n, f"got {len(self.events)} events, wanted {n}"
+        return list(self.events[:n])
+
+    def until(self, key: str, timeout: float = 5.0) -> list[WatchEvent]:
+        """Events before the first one on `key` (a sentinel): proves nothing else came first."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for i, ev in enumerate(self.events):
+                if ev.key == key:
+                    return list(self.events[:i])
+            if self.error is not None:
+                raise self.error
+            assert time.monotonic() < deadline, f"sentinel {key!r} never seen: {self.events}"
+            time.sleep(0.002)
+
+    def close(self) -> float:
+        """Stop the watch; return how long the iterator took to end."""
+        t0 = time.monotonic()
+        self.stop.set()
+        self._thread.join(2.0)
+        assert not self._thread.is_alive(), "watch did not return after stop was set"
+        return time.monotonic() - t0
+
+
+@pytest.fixture
+def watch(store: Store) -> Iterator[Callable[..., Collector]]:
+    collectors: list[Collector] = []
+
+    def start(prefix: str, start_revision: int, on: Store | None = None) -> Collector:
+        c = Collector(on or store, prefix, start_revision)
+        collectors.append(c)
+        return c
+
+    yield start
+    for c in collectors:
+        c.close()
+
+
+# -- basic KV --------------------------------------------------------------------------------
+
+
+def test_empty(store: Store) -> None:
+    assert store.revision() >= 1
+    assert store.get("/k") is None
+    assert store.list_prefix("/") == ([], store.revision())
+    store.ping()
+
+
+def test_put_get_and_revisions(store: Store) -> None:
+    r0 = store.revision()
+    r1 = store.put("/k/a", b"1")
+    assert r1 == r0 + 1 == store.revision()
+    kv = store.get("/k/a")
+    assert kv is not None
+    assert (kv.key, kv.value, kv.create_revision, kv.mod_revision, kv.lease) == (
+        "/k/a",
+        b"1",
+        r1,
+        r1,
+        0,
+    )
+    r2 = store.put("/k/a", b"2")
+    r3 = store.put("/k/b", b"\x00\xff binary")
+    assert r1 < r2 < r3 == store.revision()
+    kv = store.get("/k/a")
+    assert kv is not None and (kv.value, kv.create_revision, kv.mod_revision) == (b"2", r1, r2)
+    kv = store.get("/k/b")
+    assert kv is not None and kv.value == b"\x00\xff binary"
+    assert store.put("/k/empty", b"") == r3 + 1
+    assert store.get("/k/empty") is not None
+
+
+def test_create_if_absent(store: Store) -> None:
+    assert store.create("/c", b"first")
+    rev = store.revision()
+    assert not store.create("/c", b"second")
+    assert store.revision() == rev  # a failed compare writes nothing
+    kv = store.get("/c")
+    assert kv is not None and kv.value == b"first"
+
+
+def test_delete(store: Store) -> None:
+    r1 = store.put("/d", b"x")
+    assert store.delete("/d")
+    r2 = store.revision()
+    assert r2 == r1 + 1
+    assert store.get("/d") is None
+    assert not store.delete("/d")
+    assert store.revision() == r2  # deleting nothing is not a change
+    r3 = store.put("/d", b"y")
+    kv = store.get("/d")
+    assert kv is not None and kv.create_revision == kv.mod_revision == r3  # a new life
+
+
+def test_compare_and_swap(store: Store) -> None:
+    assert store.compare_and_swap("/s", b"v1", 0)  # 0: only if absent
+    assert not store.compare_and_swap("/s", b"again", 0)
+    kv = store.get("/s")
+    assert kv is not None
+    assert store.compare_and_swap("/s", b"v2", kv.mod_revision)
+    assert not store.compare_and_swap("/s", b"stale", kv.mod_revision)
+    now = store.get("/s")
+    assert now is not None and now.value == b"v2" and now.create_revision == kv.create_revision
+    assert not store.compare_and_swap("/missing", b"x", now.mod_revision)
+    assert store.get("/missing") is None
+
+
+def test_compare_and_delete(store: Store) -> None:
+    store.put("/cd", b"1")
+    kv = store.get("/cd")
+    assert kv is not None
+    store.put("/cd", b"2")
+    assert not store.compare_and_delete("/cd", kv.mod_revision)
+    assert store.get("/cd") is not None
+    cur = store.get("/cd")
+    assert cur is not None
+    assert store.compare_and_delete("/cd", cur.mod_revision)
+    assert store.get("/cd") is None
+    assert not store.compare_and_delete("/cd", cur.mod_revision)
+    with pytest.raises(ValueError):
+        store.compare_and_delete("/cd", 0)
+
+
+@pytest.mark.parametrize("bad", ["", 1, b"/bytes"])
+def test_bad_keys_rejected(store: Store, bad: object) -> None:
+    with pytest.raises((TypeError, ValueError)):
+        store.put(bad, b"x")  # type: ignore[arg-type]
+
+
+def test_str_value_rejected(store: Store) -> None:
+    with pytest.raises(TypeError):
+        store.put("/k", "not bytes")  # type: ignore[arg-type]
+
+
+# -- transactions ----------------------------------------------------------------------------
+
+
+def test_txn_all_or_nothing(store: Store) -> None:
+    store.put("/t/a", b"a0")
+    store.put("/t/gone", b"g")
+    a = store.get("/t/a")
+    assert a is not None
+    store.put("/t/b", b"b0")  # now a compare "b absent" fails
+    rev = store.revision()
+
+    ops: list[Put | Delete] = [Put("/t/a", b"a1"), Put("/t/c", b"c1"), Delete("/t/gone")]
+    res = store.txn([Compare("/t/a", a.mod_revision), Compare("/t/b", 0)], ops)
+    assert not res.succeeded and res.revision == rev == store.revision()
+    assert store.get("/t/a").value == b"a0"  # type: ignore[union-attr]
+    assert store.get("/t/c") is None
+    assert store.get("/t/gone") is not None
+
+    res = store.txn([Compare("/t/a", a.mod_revision), Compare("/t/c", 0)], ops)
+    assert res.succeeded and res.revision == rev + 1 == store.revision()
+    for key, value in (("/t/a", b"a1"), ("/t/c", b"c1")):
+        kv = store.get(key)
+        assert kv is not None and kv.value == value and kv.mod_revision == res.revision
+    assert store.get("/t/gone") is None
+
+
+def test_txn_without_changes_keeps_revision(store: Store) -> None:
+    rev = store.revision()
+    res = store.txn([Compare("/nothing", 0)], [Delete("/nothing")])
+    assert res.succeeded and res.revision == rev == store.revision()
+    assert store.txn([], []).succeeded
+
+
+def test_txn_rejects_duplicate_keys(store: Store) -> None:
+    with pytest.raises(ValueError):
+        store.txn([], [Put("/dup", b"1"), Delete("/dup")])
+    assert store.get("/dup") is None
+
+
+def test_txn_with_unknown_lease_applies_nothing(store: Store) -> None:
+    rev = store.revision()
+    with pytest.raises(LeaseNotFound):
+        store.txn([], [Put("/ok", b"x"), Put("/leased", b"x", lease=987654321)])
+    assert store.get("/ok") is None and store.revision() == rev
+
+
+def test_txn_events_share_one_revision(store: Store, watch: Callable[..., Collector]) -> None:
+    w = watch("/tx/", store.revision() + 1)
+    res = store.txn([], [Put("/tx/1", b"1"), Put("/tx/2", b"2"), Put("/tx/3", b"3")])
+    events = w.wait_for(3)
+    assert [e.key for e in events] == ["/tx/1", "/tx/2", "/tx/3"]
+    assert {e.revision for e in events} == {res.revision}
+
+
+# -- listing ---------------------------------------------------------------------------------
+
+
+def test_list_prefix_sorted_and_exact(store: Store) -> None:
+    for key in ["/a/b/2", "/a/bc/1", "/a/b/1", "/a/b", "/a/b0", "/a/b/10", "/a/a/9", "/a/b/é"]:
+        store.put(key, key.encode())
+    kvs, rev = store.list_prefix("/a/b/")
+    assert [kv.key for kv in kvs] == ["/a/b/1", "/a/b/10", "/a/b/2", "/a/b/é"]
+    assert all(kv.value == kv.key.encode() for kv in kvs)
+    assert rev == store.revision()
+    kvs, _ = store.list_prefix("/a/b")
+    assert [kv.key for kv in kvs] == [
+        "/a/b",
+        "/a/b/1",
+        "/a/b/10",
+        "/a/b/2",
+        "/a/b/é",
+        "/a/b0",
+        "/a/bc/1",
+    ]
+    assert store.list_prefix("/zzz/")[0] == []
+
+
+def test_list_prefix_unicode_order_matches_bytes(store: Store) -> None:
+    keys = ["/u/z", "/u/é", "/u/\U0001f600", "/u/A", "/u/\uffff"]
+    for k in keys:
+        store.put(k, b"")
+    listed = [kv.key for kv in store.list_prefix("/u/")[0]]
+    assert listed == sorted(keys, key=lambda k: k.encode("utf-8")) == sorted(keys)
+
+
+# -- leases ----------------------------------------------------------------------------------
+
+
+def test_lease_expiry_deletes_attached_keys(store: Store) -> None:
+    lease = store.grant_lease(LEASE_TTL)
+    store.put("/l/a", b"a", lease=lease)
+    assert store.create("/l/b", b"b", lease=lease)
+    store.put("/l/free", b"f")
+    kv = store.get("/l/a")
+    assert kv is not None and kv.lease == lease
+    remaining = store.lease_ttl_remaining(lease)
+    assert remaining is not None and 0 < remaining <= LEASE_TTL
+
+    rev = store.revision()
+    expire(store, lease, LEASE_TTL)
+    assert store.get("/l/a") is None and store.get("/l/b") is None
+    assert store.get("/l/free") is not None
+    assert store.revision() > rev  # the reaping is a revision like any other
+    assert store.lease_ttl_remaining(lease) is None
+    with pytest.raises(LeaseNotFound):
+        store.refresh_lease(lease)
+    with pytest.raises(LeaseNotFound):
+        store.revoke_lease(lease)
+    with pytest.raises(LeaseNotFound):
+        store.put("/l/late", b"x", lease=lease)
+    assert store.get("/l/late") is None
+
+
+def test_lease_expiry_produces_delete_events(store: Store, watch: Callable[..., Collector]) -> None:
+    lease = store.grant_lease(LEASE_TTL)
+    store.put("/le/a", b"a", lease=lease)
+    w = watch("/le/", store.revision() + 1)
+    expire(store, lease, LEASE_TTL)
+    store.put("/le/sentinel", b"")
+    events = w.until("/le/sentinel")
+    assert [(e.kind, e.key, e.value) for e in events] == [("delete", "/le/a", b"")]
+
+
+def test_refresh_extends_lease(store: Store) -> None:
+    lease = store.grant_lease(LEASE_TTL)
+    store.put("/r/a", b"a", lease=lease)
+    elapse(store, LEASE_TTL * 0.6)
+    assert store.refresh_lease(lease) == pytest.approx(LEASE_TTL, abs=1.0)
+    elapse(store, LEASE_TTL * 0.6)  # past the original expiry, within the refreshed one
+    assert store.get("/r/a") is not None
+    remaining = store.lease_ttl_remaining(lease)
+    assert remaining is not None and remaining > 0
+    expire(store, lease, remaining)
+    assert store.get("/r/a") is None
+
+
+def test_revoke_deletes_keys_with_events(store: Store, watch: Callable[..., Collector]) -> None:
+    lease = store.grant_lease(60)
+    store.put("/rv/a", b"a", lease=lease)
+    store.put("/rv/b", b"b", lease=lease)
+    store.put("/rv/detached", b"d", lease=lease)
+    store.put("/rv/detached", b"d2")  # a put without a lease detaches the key
+    w = watch("/rv/", store.revision() + 1)
+    store.revoke_lease(lease)
+    assert store.get("/rv/a") is None and store.get("/rv/b") is None
+    assert store.get("/rv/detached") is not None
+    assert store.lease_ttl_remaining(lease) is None
+    with pytest.raises(LeaseNotFound):
+        store.revoke_lease(lease)
+    store.put("/rv/sentinel", b"")
+    events = w.until("/rv/sentinel")
+    assert sorted((e.kind, e.key) for e in events) == [("delete", "/rv/a"), ("delete", "/rv/b")]
+    assert events[0].revision == events[1].revision  # one revoke, one revision
+
+
+def test_lease_ids_are_distinct_and_unknown_is_not_found(store: Store) -> None:
+    ids = {store.grant_lease(60) for _ in range(5)}
+    assert len(ids) == 5 and 0 not in ids
+    unknown = max(ids) + 1000
+    assert store.lease_ttl_remaining(unknown) is None
+    with pytest.raises(LeaseNotFound):
+        store.refresh_lease(unknown)
+    with pytest.raises(ValueError):
+        store.grant_lease(0)
+
+
+# -- watch -----------------------------------------------------------------------------------
+
+
+def test_watch_replays_history_then_follows(store: Store, watch: Callable[..., Collector]) -> None:
+    r_first = store.put("/w/a", b"a1")
+    store.put("/x/other", b"not mine")
+    store.put("/w/b", b"b1")
+    store.delete("/w/a")
+    w = watch("/w/", r_first)
+    events = w.wait_for(3)
+    assert [(e.kind, e.key, e.value) for e in events] == [
+        ("put", "/w/a", b"a1"),
+        ("put", "/w/b", b"b1"),
+        ("delete", "/w/a", b""),
+    ]
+    r_live = store.put("/w/c", b"c1")
+    store.put("/x/other", b"still not mine")
+    r_last = store.put("/w/sentinel", b"")
+    events = w.until("/w/sentinel")
+    assert events[-1] == WatchEvent("put", "/w/c", b"c1", r_live)
+    revs = [e.revision for e in events] + [r_last]
+    assert revs == sorted(revs) and revs[0] == r_first
+    assert w.close() < 0.5
+
+
+def test_watch_start_revision_filters_older(store: Store, watch: Callable[..., Collector]) -> None:
+    store.put("/ws/old", b"")
+    r = store.put("/ws/new", b"")
+    w = watch("/ws/", r)
+    assert [e.key for e in w.wait_for(1)] == ["/ws/new"]
+
+
+def test_watch_from_zero_means_from_now(store: Store, watch: Callable[..., Collector]) -> None:
+    store.put("/wz/old", b"")
+    w = watch("/wz/", 0)
+    store.put("/wz/new", b"")
+    store.put("/wz/sentinel", b"")
+    assert [e.key for e in w.until("/wz/sentinel")] == ["/wz/new"]
+
+
+def test_watch_prefix_is_exact(store: Store, watch: Callable[..., Collector]) -> None:
+    w = watch("/p/b/", store.revision() + 1)
+    store.put("/p/bc/1", b"")
+    store.put("/p/b", b"")
+    store.put("/p/b/1", b"")
+    store.put("/p/c", b"")
+    store.put("/p/b/sentinel", b"")
+    assert [e.key for e in w.until("/p/b/sentinel")] == ["/p/b/1"]
+
+
+def test_watch_stop_ends_iterator_promptly(store: Store, watch: Callable[..., Collector]) -> None:
+    w = watch("/idle/", store.revision() + 1)
+    time.sleep(0.05)  # let it block
+    assert w.close() < 0.4
+    assert w.error is None
+
+
+def test_watch_compacted(backend: Backend, store: Store) -> None:
+    first = store.put("/cmp/a", b"")
+    for i in range(5):
+        store.put(f"/cmp/{i}", b"")
+    backend.compact(store.revision())
+    stop = threading.Event()
+    with pytest.raises(WatchCompacted):
+        for _ in store.watch("/cmp/", first, stop):  # may raise eagerly or on first next()
+            pass
+    stop.set()
+    # From the compaction point on, history is there.
+    stop = threading.Event()
+    it = store.watch("/cmp/", store.revision(), stop)
+    assert next(it).key == "/cmp/4"
+    stop.set()
+
+
+# -- concurrency and several clients ---------------------------------------------------------
+
+
+def test_concurrent_create_each_key_once(backend: Backend, store: Store) -> None:
+    """Odd threads go through a second client, so the race also crosses connections."""
+    clients = [store, backend.open_peer()]
+    keys = [f"/race/{i:03d}" for i in range(200)]
+    start = threading.Barrier(8)
+    wins: list[list[str]] = [[] for _ in range(8)]
+    errors: list[BaseException] = []
+    rev0 = store.revision()
+
+    def worker(n: int) -> None:
+        try:
+            order = keys[:]
+            random.Random(n).shuffle(order)
+            start.wait()
+            for k in order:
+                if clients[n % 2].create(k, str(n).encode()):
+                    wins[n].append(k)
+        except BaseException as e:  # re-raised below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors, errors
+    all_wins = [k for w in wins for k in w]
+    assert sorted(all_wins) == keys  # each key created exactly once
+    for n, won in enumerate(wins):
+        for k in won:
+            assert store.get(k).value == str(n).encode()  # type: ignore[union-attr]
+    assert store.revision() == rev0 + 200
+
+
+def test_peers_see_each_other(
+    backend: Backend, store: Store, watch: Callable[..., Collector]
+) -> None:
+    peer = backend.open_peer()
+    w = watch("/peer/", store.revision() + 1, on=peer)
+    rev = store.put("/peer/a", b"from store")
+    kv = peer.get("/peer/a")
+    assert kv is not None and kv.value == b"from store" and kv.mod_revision == rev
+    assert peer.revision() == rev
+    assert not peer.create("/peer/a", b"from peer")
+    r2 = peer.put("/peer/b", b"from peer")
+    assert r2 == rev + 1 == store.revision()
+    lease = store.grant_lease(60)
+    peer.put("/peer/leased", b"", lease=lease)
+    peer.revoke_lease(lease)
+    assert store.get("/peer/leased") is None
+    store.put("/peer/sentinel", b"")
+    assert [(e.kind, e.key) for e in w.until("/peer/sentinel")] == [
+        ("put", "/peer/a"),
+        ("put", "/peer/b"),
+        ("put", "/peer/leased"),
+        ("delete", "/peer/leased"),
+    ]
+
+
+def test_closed_store_is_unavailable(backend: Backend) -> None:
+    s = backend.open_peer()
+    s.close()
+    with pytest.raises(StoreUnavailable):
+        s.ping()
+    with pytest.raises(StoreUnavailable):
+        s.get("/k")
+    s.close()  # idempotent
+
+
+# -- SQLite specifics ------------------------------------------------------------------------
+
+
+def test_sqlite_history_is_trimmed(tmp_path: Path) -> None:
+    with SqliteStore(str(tmp_path / "s.db"), history=5) as s:
+        first = s.put("/h/0", b"")
+        for i in range(1, 10):
+            s.put(f"/h/{i}", b"")
+        with pytest.raises(WatchCompacted):
+            s.watch("/h/", first, threading.Event())
+        stop = threading.Event()
+        it = s.watch("/h/", s.revision() - 4, stop)
+        assert [next(it).key for _ in range(5)] == [f"/h/{i}" for i in range(5, 10)]
+        stop.set()
+
+
+@pytest.mark.parametrize("op", ["delete", "txn", "get"])
+def test_sqlite_reaping_is_one_revision_per_lease_before_the_op(tmp_path: Path, op: str) -> None:
+    clock = FakeClock()
+    with SqliteStore(str(tmp_path / "s.db"), clock=clock) as s:
+        l1, l2 = s.grant_lease(5), s.grant_lease(6)
+        s.put("/e/l1a", b"", lease=l1)
+        s.put("/e/l1b", b"", lease=l1)
+        s.put("/e/l2", b"", lease=l2)
+        s.put("/e/plain", b"")
+        rev = s.revision()
+        clock.advance(10)  # both expire; nothing has noticed yet
+        if op == "delete":
+            assert s.delete("/e/plain")
+        elif op == "txn":
+            assert s.txn([], [Delete("/e/plain")]).succeeded
+        else:
+            assert s.get("/e/plain") is not None
+        stop = threading.Event()
+        it = s.watch("/e/", rev + 1, stop)
+        n = 3 if op == "get" else 4
+        events = [(e.kind, e.key, e.revision) for e in (next(it) for _ in range(n))]
+        stop.set()
+        expected = [
+            ("delete", "/e/l1a", rev + 1),
+            ("delete", "/e/l1b", rev + 1),
+            ("delete", "/e/l2", rev + 2),
+            ("delete", "/e/plain", rev + 3),
+        ]
+        assert events == expected[:n]
+        assert s.revision() == rev + n - 1
+
+
+def test_sqlite_state_survives_reopen(tmp_path: Path) -> None:
+    clock = FakeClock()
+    path = str(tmp_path / "s.db")
+    s = SqliteStore(path, clock=clock)
+    lease = s.grant_lease(10)
+    s.put("/p/leased", b"x", lease=lease)
+    rev = s.put("/p/plain", b"y")
+    s.close()
+    s = SqliteStore(path, clock=clock)
+    try:
+        assert s.revision() == rev
+        assert s.get("/p/plain") is not None
+        assert s.lease_ttl_remaining(lease) == pytest.approx(10)
+        clock.advance(11)
+        assert s.get("/p/leased") is None
+        assert s.grant_lease(10) > lease  # ids are never reused
+    finally:
+        s.close()
+
+
+_WRITER = """
+import sys
+from ipamd.store.sqlite import SqliteStore
+s = SqliteStore(sys.argv[1])
+for i in range(20):
+    assert s.create(f"/proc/{i:02d}", b"child")
+s.close()
+"""
+
+
+def test_sqlite_two_processes(tmp_path: Path) -> None:
+    path = str(tmp_path / "shared.db")
+    s = SqliteStore(path)
+    w = Collector(s, "/proc/", s.revision() + 1)
+    try:
+        root = Path(__file__).resolve().parent.parent
+        subprocess.run([sys.executable, "-c", _WRITER, path], check=True, cwd=root, timeout=30)
+        events = w.wait_for(20)  # seen by polling: no in-process wake-up crosses processes
+        assert [e.key for e in events] == [f"/proc/{i:02d}" for i in range(20)]
+        assert not s.create("/proc/00", b"parent")
+        assert s.revision() == events[-1].revision
+    finally:
+        w.close()
+        s.close()
+
+
+def test_sqlite_locked_database_is_unavailable(tmp_path: Path) -> None:
+    path = str(tmp_path / "locked.db")
+    with SqliteStore(path, busy_timeout=0.05) as s:
+        import sqlite3
+
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        try:
+            with pytest.raises(StoreUnavailable):
+                s.put("/k", b"x")
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        s.put("/k", b"x")
+
+
+def test_open_store_sqlite(tmp_path: Path) -> None:
+    path = tmp_path / "new" / "dir" / "state.db"
+    s = open_store(f"sqlite://{path}")
+    assert isinstance(s, SqliteStore) and isinstance(s, Store)
+    s.put("/k", b"v")
+    s.close()
+    assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o700
+    s = open_store(f"sqlite://{path}")
+    assert s.get("/k") is not None
+    s.close()
+
+
+def test_open_store_etcd_not_yet() -> None:
+    with pytest.raises(StoreError, match="not implemented"):
+        open_store("etcd://127.0.0.1:2379")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "",
+        "/var/lib/moor/state.db",
+        "sqlite://relative.db",
+        "sqlite://host/abs.db",
+        "sqlite:///x.db?mode=ro",
+        "sqlite:relative.db",
+        "redis://localhost",
+        "sqlite:///tmp/dir/",
+    ],
+)
+def test_open_store_bad_urls(url: str) -> None:
+    with pytest.raises(ValueError):
+        open_store(url)
