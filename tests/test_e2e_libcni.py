@@ -23,15 +23,24 @@ pytestmark = [pytest.mark.netns, pytest.mark.libcni]
 NetnsFactory = Callable[[], tuple[str, str]]
 
 
-def write_list(rt: LibcniRuntime, name: str, version: str, plugins: list[dict[str, Any]], **top: Any) -> None:
+def write_list(
+    rt: LibcniRuntime, name: str, version: str, plugins: list[dict[str, Any]], **top: Any
+) -> None:
     conflist = {"cniVersion": version, "name": name, "plugins": plugins, **top}
     (rt.netconf_dir / f"{name}.conflist").write_text(json.dumps(conflist))
 
 
-def drive(rt: LibcniRuntime, verb: str, name: str, path: str, **kw: Any) -> subprocess.CompletedProcess:
+def drive(
+    rt: LibcniRuntime, verb: str, name: str, path: str, **kw: Any
+) -> subprocess.CompletedProcess:
     return cnidrv.run(
-        verb, name, path, netconf_dir=rt.netconf_dir, cni_path=[str(rt.bin_dir), REFERENCE_PLUGINS],
-        cache_dir=rt.cache_dir, **kw,
+        verb,
+        name,
+        path,
+        netconf_dir=rt.netconf_dir,
+        cni_path=[str(rt.bin_dir), REFERENCE_PLUGINS],
+        cache_dir=rt.cache_dir,
+        **kw,
     )
 
 
@@ -55,13 +64,18 @@ def remove_portmap_leftovers(network: str, hostport_chain_existed: bool) -> None
             _nat("-D", *parts[1:])
             _nat("-F", parts[-1])
             _nat("-X", parts[-1])
-    if not hostport_chain_existed and _nat("-S", "CNI-HOSTPORT-DNAT").stdout.strip() == "-N CNI-HOSTPORT-DNAT":
+    if (
+        not hostport_chain_existed
+        and _nat("-S", "CNI-HOSTPORT-DNAT").stdout.strip() == "-N CNI-HOSTPORT-DNAT"
+    ):
         for hook in ("PREROUTING", "OUTPUT"):
             _nat("-D", hook, "-m", "addrtype", "--dst-type", "LOCAL", "-j", "CNI-HOSTPORT-DNAT")
         _nat("-X", "CNI-HOSTPORT-DNAT")
 
 
-def test_chain_with_portmap_and_cap_args(daemon: Daemon, netns: NetnsFactory, tmp_path: Path) -> None:
+def test_chain_with_portmap_and_cap_args(
+    daemon: Daemon, netns: NetnsFactory, tmp_path: Path
+) -> None:
     rt = LibcniRuntime(tmp_path)
     _, path = netns()
     portmap = {"type": "portmap", "capabilities": {"portMappings": True}, "snat": False}
@@ -79,7 +93,9 @@ def test_chain_with_portmap_and_cap_args(daemon: Daemon, netns: NetnsFactory, tm
         # Without CAP_ARGS: Debian's portmap 1.1.1 CHECK then looks for an IPv6 DNAT chain it never
         # made for an IPv4-only pod, a reference-plugin quirk.
         assert drive(rt, "check", "chainnet", path).returncode == 0
-        assert drive(rt, "del", "chainnet", path, cap_args=caps).returncode == 0  # runtimes resend them
+        assert (
+            drive(rt, "del", "chainnet", path, cap_args=caps).returncode == 0
+        )  # runtimes resend them
     finally:
         drive(rt, "del", "chainnet", path, cap_args=caps)
         remove_portmap_leftovers("chainnet", hostport_chain_existed)
@@ -134,7 +150,9 @@ def test_status_through_the_driver(daemon: Daemon, netns: NetnsFactory, tmp_path
         daemon.start()
 
 
-def test_disable_check_skips_the_plugin(daemon: Daemon, netns: NetnsFactory, tmp_path: Path) -> None:
+def test_disable_check_skips_the_plugin(
+    daemon: Daemon, netns: NetnsFactory, tmp_path: Path
+) -> None:
     rt = LibcniRuntime(tmp_path)
     ns, path = netns()
     write_list(rt, "nocheck", "1.0.0", [daemon.plugin()], disableCheck=True)
@@ -145,10 +163,14 @@ def test_disable_check_skips_the_plugin(daemon: Daemon, netns: NetnsFactory, tmp
     assert owned(daemon, "nocheck") == []
 
 
-def test_ipam_route_without_gw_goes_via_the_gateway(daemon: Daemon, netns: NetnsFactory, tmp_path: Path) -> None:
+def test_ipam_route_without_gw_goes_via_the_gateway(
+    daemon: Daemon, netns: NetnsFactory, tmp_path: Path
+) -> None:
     rt = LibcniRuntime(tmp_path)
     ns, path = netns()
-    plugin = daemon.plugin(isDefaultGateway=False, ipam={"type": "moor", "routes": [{"dst": "198.51.100.0/24"}]})
+    plugin = daemon.plugin(
+        isDefaultGateway=False, ipam={"type": "moor", "routes": [{"dst": "198.51.100.0/24"}]}
+    )
     write_list(rt, "rtnet", "1.0.0", [plugin])
     add = drive(rt, "add", "rtnet", path)
     assert add.returncode == 0, add.stderr
