@@ -19,7 +19,7 @@ from contextlib import ExitStack
 
 from cni_plugin.datapath import bridge as br
 from cni_plugin.datapath import veth
-from cni_plugin.datapath.errors import LinkExists, PodInterfaceExists
+from cni_plugin.datapath.errors import LinkExists, LinkNotFound, PodInterfaceExists
 from cni_plugin.datapath.inventory import lookup_bridge
 from cni_plugin.datapath.masq import MasqueradeRules
 from cni_plugin.datapath.netns import netns_inode
@@ -60,6 +60,7 @@ class MoorPlugin:
         self.masq = masq
         self.own_netns_inode = own_netns_inode
         self.fault_hook = fault_hook
+        self._bridges: dict[tuple[str, int, bool], br.LinkInfo] = {}
         self._gateways_done: set[tuple[str, int, str]] = set()
         self._masq_ok = False
         self._lock = threading.Lock()
@@ -122,17 +123,60 @@ class MoorPlugin:
             routes = [Route(DEFAULT_V4, alloc.gateway)]
         return routes
 
-    def _ensure_bridge(self, conf: NetConf, alloc: Allocation | None) -> br.LinkInfo:
-        bridge = br.ensure_bridge(conf.bridge, mtu=conf.mtu, promisc=conf.promisc_mode)
+    def _ensure_bridge(
+        self, conf: NetConf, alloc: Allocation | None, *, fresh: bool = False
+    ) -> br.LinkInfo:
+        """The bridge (and the allocation's gateway on it), from cache on the hot path.
+
+        The cache saves a netlink request per ADD; `maintain()` re-verifies it every few seconds,
+        and an ADD that finds the cached bridge gone re-ensures it (`fresh`).
+        """
+        key = (conf.bridge, conf.mtu, conf.promisc_mode)
+        bridge = None if fresh else self._bridges.get(key)
+        if bridge is None:
+            bridge = br.ensure_bridge(conf.bridge, mtu=conf.mtu, promisc=conf.promisc_mode)
+            with self._lock:
+                self._bridges[key] = bridge
         if alloc is not None and conf.is_gateway:
             gw = ipaddress.ip_interface(f"{alloc.gateway}/{alloc.subnet.prefixlen}")
-            key = (conf.bridge, bridge.index, str(gw))
-            if key not in self._gateways_done:
+            done = (conf.bridge, bridge.index, str(gw))
+            if fresh or done not in self._gateways_done:
                 br.ensure_bridge_address(conf.bridge, gw)
                 br.enable_ip_forward()
                 with self._lock:
-                    self._gateways_done.add(key)
+                    self._gateways_done.add(done)
         return bridge
+
+    def maintain(self) -> None:
+        """Re-verify what the hot path caches: bridges, their gateways, the masquerade rules.
+
+        A timer calls this, so someone deleting the bridge, its address or flushing nat is
+        repaired within seconds, not at the next daemon restart.
+        """
+        with self._lock:
+            bridges = dict(self._bridges)
+            gateways = set(self._gateways_done)
+        for (name, mtu, promisc), cached in bridges.items():
+            info = br.ensure_bridge(name, mtu=mtu, promisc=promisc)
+            if info != cached:
+                log.warning(
+                    "bridge %s was recreated outside moor (ifindex %d -> %d)",
+                    name,
+                    cached.index,
+                    info.index,
+                )
+                with self._lock:
+                    self._bridges[(name, mtu, promisc)] = info
+            for bridge_name, index, gw in gateways:
+                if bridge_name == name:
+                    br.ensure_bridge_address(name, ipaddress.ip_interface(gw))
+                    if index != info.index:
+                        with self._lock:
+                            self._gateways_done.discard((bridge_name, index, gw))
+                            self._gateways_done.add((bridge_name, info.index, gw))
+        if self._masq_ok and not self.masq.is_installed([self.ipam.network]):
+            log.warning("masquerade rules were changed outside moor; restoring them")
+            self.masq.ensure([self.ipam.network])
 
     # ---- ADD -------------------------------------------------------------------------------
     def add(self, req: Request) -> Result:
@@ -162,15 +206,11 @@ class MoorPlugin:
             bridge = self._ensure_bridge(conf, alloc)
             self._fault("after-ipam", req)
             try:
-                pair = veth.create_veth(
-                    host_name,
-                    req.ifname,
-                    fd,
-                    bridge.index,
-                    mtu=conf.mtu,
-                    mac=conf.mac or req.args.mac or None,
-                    hairpin=conf.hairpin_mode,
-                )
+                try:
+                    pair = self._create_veth(req, host_name, bridge)
+                except LinkNotFound:  # the cached bridge was deleted under us: re-ensure it once
+                    bridge = self._ensure_bridge(conf, alloc, fresh=True)
+                    pair = self._create_veth(req, host_name, bridge)
             except PodInterfaceExists as exc:
                 raise CNIError(
                     INTERFACE_EXISTS, f"interface {req.ifname!r} already exists in {req.netns}"
@@ -207,6 +247,17 @@ class MoorPlugin:
             dns=conf.dns,
         )
 
+    def _create_veth(self, req: Request, host_name: str, bridge: br.LinkInfo) -> veth.VethPair:
+        return veth.create_veth(
+            host_name,
+            req.ifname,
+            req.netns_fd,  # type: ignore[arg-type]  # checked by _require_netns
+            bridge.index,
+            mtu=req.conf.mtu,
+            mac=req.conf.mac or req.args.mac or None,
+            hairpin=req.conf.hairpin_mode,
+        )
+
     def _ipam_add(self, req: Request) -> Result:
         with ipam_errors():
             alloc, existed = self.ipam.allocate(
@@ -230,12 +281,6 @@ class MoorPlugin:
         with self._lock:
             self.masq.ensure([self.ipam.network])
             self._masq_ok = True
-
-    def masquerade_check(self) -> None:
-        """Re-verify the node's masquerade rules (a timer calls this; someone may flush nat)."""
-        if self._masq_ok and not self.masq.is_installed([self.ipam.network]):
-            log.warning("masquerade rules were changed outside moor; restoring them")
-            self.masq.ensure([self.ipam.network])
 
     def _release_quietly(self, network: str, container_id: str, ifname: str) -> None:
         try:

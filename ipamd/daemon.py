@@ -125,7 +125,7 @@ class Daemon:
         while not self._stop.wait(min(TIMER_TICK, self.cfg.leak_gc_interval)):
             try:
                 self.grpc.set_serving(self.ipam.not_ready_reason() is None)
-                self.plugin.masquerade_check()
+                self.plugin.maintain()
                 if time.monotonic() >= next_gc:
                     next_gc = time.monotonic() + self.cfg.leak_gc_interval
                     self.leak_gc.sweep()

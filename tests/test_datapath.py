@@ -302,8 +302,8 @@ def test_create_veth(br_name: str, host_links: list[str], make_netns: Callable[[
     assert pod["address"] == "0a:58:0a:fb:00:05"
     assert pod["mtu"] == 1400
     assert pod["link_index"] == host["ifindex"] and host["link_index"] == pod["ifindex"]
-    assert pair.host == nl.LinkInfo(host["ifindex"], host_name, host["address"])
-    assert pair.pod == nl.LinkInfo(pod["ifindex"], "eth0", "0a:58:0a:fb:00:05")
+    assert pair.host == veth.VethEnd(host_name, host["address"])
+    assert pair.pod == veth.VethEnd("eth0", "0a:58:0a:fb:00:05")
     assert host["linkinfo"]["info_slave_data"]["hairpin"] is False
 
     ns2 = make_netns()
@@ -546,7 +546,7 @@ def test_inspect(
     assert hs is not None
     assert (hs.index, hs.mac, hs.mtu, hs.kind) == (h["ifindex"], h["address"], h["mtu"], "veth")
     assert hs.master_index == br.index and hs.up is True and hs.hairpin is False
-    assert hs.peer_index == pair.pod.index
+    assert hs.peer_index == oracle.link("eth0", netns=ns.name)["ifindex"]
 
     ps = veth.inspect_pod_interface(ns.fd, "eth0")
     p = oracle.link("eth0", netns=ns.name)

@@ -463,3 +463,19 @@ def test_moorctl_status_table_and_json(daemon: Daemon, netns: NetnsFactory) -> N
         timeout=30,
     )
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "cannot reach" in bad.stderr
+
+
+def test_bridge_deleted_under_the_daemon_is_recreated(daemon: Daemon, netns: NetnsFactory) -> None:
+    """The daemon caches the bridge on the hot path; losing it must cost one retry, not an outage."""
+    rt = ExecRuntime()
+    c = conf(daemon)
+    ns1, p1 = netns()
+    assert rt.add(c, p1, "rebr1").rc == 0
+    assert rt.delete(c, p1, "rebr1").rc == 0
+    subprocess.run(["ip", "link", "del", daemon.bridge], check=True)
+    ns2, p2 = netns()
+    add = rt.add(c, p2, "rebr2")
+    assert add.rc == 0, add
+    assert_attached(daemon, ns2, "rebr2", "eth0", add.out)
+    assert rt.check(c, p2, "rebr2").rc == 0
+    assert rt.delete(c, p2, "rebr2").rc == 0

@@ -233,3 +233,25 @@ def test_grpc_health_serving(node: Daemon) -> None:
         for service in ("", "moor.ipam.v1.Ipam"):
             reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_daemon_repairs_bridge_gateway_and_masquerade(node: Daemon, netns: NetnsFactory) -> None:
+    """The masquerade rule set and the bridge gateway are kept by the daemon, not just installed."""
+    rt = ExecRuntime()
+    c = conf(node)
+    _, path = netns()
+    add = rt.add(c, path, "repair1")
+    gateway = f"{add.out['ips'][0]['gateway']}/24"
+    subprocess.run(["ip", "addr", "del", gateway, "dev", node.bridge], check=True)
+    subprocess.run(["iptables", "-w", "-t", "nat", "-F", node.masq_chain], check=True)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        rules = subprocess.run(
+            ["iptables", "-w", "-t", "nat", "-S", node.masq_chain], capture_output=True, text=True
+        ).stdout
+        if gateway in oracle.addresses(node.bridge) and "MASQUERADE" in rules:
+            break
+        time.sleep(0.5)
+    assert gateway in oracle.addresses(node.bridge)
+    assert "MASQUERADE" in rules
+    assert rt.delete(c, path, "repair1").rc == 0

@@ -37,10 +37,8 @@ from .errors import (
 from .netns import netns_inode
 from .nl import (
     IFF_UP,
-    LinkInfo,
     dump_retry,
     host_ipr,
-    link_info,
     link_kind,
     pod_ipr,
     translate_errors,
@@ -78,9 +76,17 @@ class Route:
 
 
 @dataclass(frozen=True)
+class VethEnd:
+    name: str
+    mac: str
+
+
+@dataclass(frozen=True)
 class VethPair:
-    host: LinkInfo
-    pod: LinkInfo
+    """What the CNI result needs of a new pair; both MACs are chosen here, so no read-back."""
+
+    host: VethEnd
+    pod: VethEnd
 
 
 @dataclass(frozen=True)
@@ -139,14 +145,16 @@ def create_veth(
     inside the netns of `netns_fd`, in ONE RTM_NEWLINK. The pod end stays down until
     configure_pod_interface.
 
-    mac: MAC of the pod end; a random locally administered one when None (chosen here rather than
-    by the kernel so that the result is known without asking the pod netns).
+    mac: MAC of the pod end; a random locally administered one when None. The host end's MAC is
+    chosen here too, so the result is known without reading either end back (one request saved on
+    every ADD).
     Raises PodInterfaceExists / LinkExists (nothing is left behind: the kernel creates both ends
     or neither), LinkNotFound when the bridge index does not exist, NetnsError for a bad fd.
     """
     _check_ifname(host_name)
     _check_ifname(pod_ifname)
     pod_mac = (mac or random_mac()).lower()
+    host_mac = random_mac()
     peer: dict[str, Any] = {"ifname": pod_ifname, "net_ns_fd": netns_fd, "address": pod_mac}
     kwargs: dict[str, Any] = {
         "ifname": host_name,
@@ -154,6 +162,7 @@ def create_veth(
         "peer": peer,
         "master": bridge_index,
         "state": "up",
+        "address": host_mac,
     }
     if mtu:
         kwargs["mtu"] = mtu
@@ -172,22 +181,16 @@ def create_veth(
             raise
     else:
         raise LinkExists(f"veth {host_name!r}/{pod_ifname!r}: EEXIST but no clash found")
-    # No NLM_F_ECHO (see nl.py): one "get" for the host end's index/MAC and the peer's ifindex.
-    with translate_errors(f"get link {host_name!r}"):
-        msg = ipr.link("get", ifname=host_name)[0]
-    host = link_info(msg)
-    pod_index = msg.get("IFLA_LINK")
     if hairpin:
         try:
             with translate_errors(f"set hairpin on {host_name!r}"):
-                ipr.brport("set", index=host.index, mode=1)
+                index = int(ipr.link("get", ifname=host_name)[0]["index"])
+                ipr.brport("set", index=index, mode=1)
         except BaseException:
             with contextlib.suppress(DatapathError):
                 delete_host_veth_if_exists(host_name)  # leave nothing half-configured behind
             raise
-    return VethPair(
-        host=host, pod=LinkInfo(index=int(pod_index or 0), name=pod_ifname, mac=pod_mac)
-    )
+    return VethPair(host=VethEnd(host_name, host_mac), pod=VethEnd(pod_ifname, pod_mac))
 
 
 def _explain_create_failure(err: DatapathError, netns_fd: int, bridge_index: int) -> None:
