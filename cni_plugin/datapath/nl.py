@@ -8,12 +8,20 @@ Socket policy (measured, see the datapath notes):
     (netns.open_netlink_socket), closed when the `with` block ends. pyroute2 never forks for it.
   * no NLM_F_ECHO (nlm_echo): pyroute2 0.9.7 stops reading at the echoed RTM_NEWLINK and never
     sees the error ACK that follows it, e.g. a veth create whose IFLA_MASTER is bad is echoed, then
-    rolled back by the kernel, and pyroute2 reports success. Creates are followed by a "get".
+    rolled back by the kernel, and pyroute2 reports success.
+  * the hot path of ADD and DEL uses `Rtnl`: pyroute2's message codec, but the request and its ack
+    go straight over the socket. IPRoute runs every request through an asyncio event loop, which
+    costs ~0.75 ms of Python per request (measured: pod configuration 1.98 ms CPU with IPRoute,
+    0.32 ms with Rtnl). Dumps and CHECK's inspection stay on IPRoute.
 """
 
 from __future__ import annotations
 
 import errno as errno_mod
+import os
+import socket
+import struct
+import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -21,7 +29,12 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from pyroute2 import IPRoute
+from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST, nlmsg
 from pyroute2.netlink.exceptions import NetlinkDumpInterrupted, NetlinkError
+from pyroute2.netlink.rtnl import RTM_DELLINK, RTM_GETLINK, RTM_NEWADDR, RTM_NEWLINK, RTM_NEWROUTE
+from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
+from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
+from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
 from .errors import DatapathError, LinkExists, LinkNotFound, NetnsError, NotPermitted
 from .netns import open_netlink_socket
@@ -31,6 +44,17 @@ __all__ = [
     "IFF_UP",
     "IPRoute",
     "LinkInfo",
+    "RTM_DELLINK",
+    "RTM_GETLINK",
+    "RTM_NEWADDR",
+    "RTM_NEWLINK",
+    "RTM_NEWROUTE",
+    "Rtnl",
+    "host_rtnl",
+    "ifaddrmsg",
+    "ifinfmsg",
+    "pod_rtnl",
+    "rtmsg",
     "NetlinkError",
     "close_host_ipr",
     "dump_retry",
@@ -48,6 +72,9 @@ IFF_UP = 0x1
 IFF_PROMISC = 0x100
 NLM_F_DUMP_INTR = 0x10
 DUMP_ATTEMPTS = 5
+NLMSG_ERROR = 2
+NETLINK_ROUTE = 0
+_HEADER = struct.Struct("=IHHII")  # nlmsghdr: length, type, flags, sequence, port id
 
 
 @dataclass(frozen=True)
@@ -105,6 +132,89 @@ def pod_ipr(netns_fd: int) -> Iterator[IPRoute]:
             ipr.close()
         finally:
             sock.close()
+
+
+class Rtnl:
+    """Synchronous rtnetlink request/ack on one socket, messages encoded by pyroute2.
+
+    Not thread-safe: one per thread (host) or per pod operation. Errors raise pyroute2's
+    NetlinkError, so `translate_errors` maps them exactly as for IPRoute.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._seq = 0
+
+    def request(self, msg: nlmsg, msg_type: int, flags: int = 0) -> list[bytes]:
+        """Send `msg` as `msg_type` with NLM_F_ACK; return the raw replies that precede the ack."""
+        self._seq += 1
+        seq = self._seq
+        msg["header"]["type"] = msg_type
+        msg["header"]["flags"] = NLM_F_REQUEST | NLM_F_ACK | flags
+        msg["header"]["sequence_number"] = seq
+        msg.encode()
+        self.sock.send(msg.data)
+        replies: list[bytes] = []
+        while True:
+            data = self.sock.recv(65536)
+            offset = 0
+            while offset + _HEADER.size <= len(data):
+                length, mtype, _flags, rseq, _port = _HEADER.unpack_from(data, offset)
+                if length < _HEADER.size:
+                    raise DatapathError(f"malformed netlink reply (length {length})")
+                if rseq == seq:  # anything else is a stale reply to an abandoned request
+                    if mtype == NLMSG_ERROR:
+                        code = -int.from_bytes(
+                            data[offset + 16 : offset + 20], sys.byteorder, signed=True
+                        )
+                        if code:
+                            raise NetlinkError(code, os.strerror(code))
+                        return replies
+                    replies.append(data[offset : offset + length])
+                offset += (length + 3) & ~3
+
+    def get_link(self, ifname: str) -> ifinfmsg:
+        """RTM_GETLINK by name, decoded; LinkNotFound through translate_errors when absent."""
+        msg = ifinfmsg()
+        msg["attrs"] = [("IFLA_IFNAME", ifname)]
+        (reply,) = self.request(msg, RTM_GETLINK)
+        link = ifinfmsg(reply)
+        link.decode()
+        return link
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _new_host_socket() -> socket.socket:
+    return socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, NETLINK_ROUTE)
+
+
+def host_rtnl() -> Rtnl:
+    """The calling thread's Rtnl in the daemon's own netns (created on first use)."""
+    rtnl = getattr(_local, "rtnl", None)
+    if rtnl is None:
+        rtnl = Rtnl(_new_host_socket())
+        _local.rtnl = rtnl
+    return rtnl
+
+
+def drop_host_rtnl() -> None:
+    """Forget the calling thread's Rtnl after a non-netlink failure (its stream may be out of step)."""
+    rtnl = getattr(_local, "rtnl", None)
+    if rtnl is not None:
+        _local.rtnl = None
+        rtnl.close()
+
+
+@contextmanager
+def pod_rtnl(netns_fd: int) -> Iterator[Rtnl]:
+    """An Rtnl inside the netns behind `netns_fd` (socket made by the netns helper), closed on exit."""
+    rtnl = Rtnl(open_netlink_socket(netns_fd))
+    try:
+        yield rtnl
+    finally:
+        rtnl.close()
 
 
 def dump_retry(fn: Callable[[], Iterable[T]], attempts: int = DUMP_ATTEMPTS) -> list[T]:
@@ -175,6 +285,7 @@ def translate_errors(
     except Exception:
         if host:
             close_host_ipr()
+            drop_host_rtnl()
         raise
 
 

@@ -37,12 +37,29 @@ from .errors import (
 from .netns import netns_inode
 from .nl import (
     IFF_UP,
+    RTM_DELLINK,
+    RTM_NEWADDR,
+    RTM_NEWLINK,
+    RTM_NEWROUTE,
     dump_retry,
     host_ipr,
+    host_rtnl,
+    ifaddrmsg,
+    ifinfmsg,
     link_kind,
     pod_ipr,
+    pod_rtnl,
+    rtmsg,
     translate_errors,
 )
+
+NLM_F_REPLACE = 0x100
+NLM_F_EXCL = 0x200
+NLM_F_CREATE = 0x400
+RT_TABLE_MAIN = 254
+RTPROT_BOOT = 3
+RTN_UNICAST = 1
+LOOPBACK_INDEX = 1  # lo is always ifindex 1 in a network namespace
 
 __all__ = [
     "HostVethState",
@@ -155,23 +172,17 @@ def create_veth(
     _check_ifname(pod_ifname)
     pod_mac = (mac or random_mac()).lower()
     host_mac = random_mac()
-    peer: dict[str, Any] = {"ifname": pod_ifname, "net_ns_fd": netns_fd, "address": pod_mac}
-    kwargs: dict[str, Any] = {
-        "ifname": host_name,
-        "kind": "veth",
-        "peer": peer,
-        "master": bridge_index,
-        "state": "up",
-        "address": host_mac,
-    }
-    if mtu:
-        kwargs["mtu"] = mtu
-        peer["mtu"] = mtu
-    ipr = host_ipr()
+    rtnl = host_rtnl()
     for _ in range(2):
         try:
             with translate_errors(f"create veth {host_name!r}/{pod_ifname!r}"):
-                ipr.link("add", **kwargs)
+                rtnl.request(
+                    _veth_message(
+                        host_name, host_mac, pod_ifname, pod_mac, netns_fd, bridge_index, mtu
+                    ),
+                    RTM_NEWLINK,
+                    NLM_F_CREATE | NLM_F_EXCL,
+                )
             break
         except LinkExists as e:
             _raise_which_exists(e, host_name, pod_ifname, netns_fd)
@@ -184,6 +195,7 @@ def create_veth(
     if hairpin:
         try:
             with translate_errors(f"set hairpin on {host_name!r}"):
+                ipr = host_ipr()
                 index = int(ipr.link("get", ifname=host_name)[0]["index"])
                 ipr.brport("set", index=index, mode=1)
         except BaseException:
@@ -191,6 +203,47 @@ def create_veth(
                 delete_host_veth_if_exists(host_name)  # leave nothing half-configured behind
             raise
     return VethPair(host=VethEnd(host_name, host_mac), pod=VethEnd(pod_ifname, pod_mac))
+
+
+def _veth_message(
+    host_name: str,
+    host_mac: str,
+    pod_name: str,
+    pod_mac: str,
+    netns_fd: int,
+    bridge_index: int,
+    mtu: int,
+) -> ifinfmsg:
+    """RTM_NEWLINK for a veth whose host end is up on the bridge and whose peer is born in the pod."""
+    peer_attrs: list[tuple[str, Any]] = [
+        ("IFLA_IFNAME", pod_name),
+        ("IFLA_ADDRESS", pod_mac),
+        ("IFLA_NET_NS_FD", netns_fd),
+    ]
+    attrs: list[tuple[str, Any]] = [
+        ("IFLA_IFNAME", host_name),
+        ("IFLA_ADDRESS", host_mac),
+        ("IFLA_MASTER", bridge_index),
+    ]
+    if mtu:
+        peer_attrs.append(("IFLA_MTU", mtu))
+        attrs.append(("IFLA_MTU", mtu))
+    attrs.append(
+        (
+            "IFLA_LINKINFO",
+            {
+                "attrs": [
+                    ("IFLA_INFO_KIND", "veth"),
+                    ("IFLA_INFO_DATA", {"attrs": [("VETH_INFO_PEER", {"attrs": peer_attrs})]}),
+                ]
+            },
+        )
+    )
+    msg = ifinfmsg()
+    msg["flags"] = IFF_UP
+    msg["change"] = IFF_UP
+    msg["attrs"] = attrs
+    return msg
 
 
 def _explain_create_failure(err: DatapathError, netns_fd: int, bridge_index: int) -> None:
@@ -251,37 +304,53 @@ def configure_pod_interface(
     for r in routes:
         if r.gw is not None and r.gw.version != r.dst.version:
             raise ValueError(f"route {r.dst} via {r.gw}: address families differ")
-    with pod_ipr(netns_fd) as ipr:
-        index = _ifindex(ipr, ifname, "pod")
+    with pod_rtnl(netns_fd) as rtnl:
+        with translate_errors(f"get pod link {ifname!r}", host=False):
+            index = int(rtnl.get_link(ifname)["index"])
         for a in addresses:
-            kw: dict[str, Any] = {
-                "index": index,
-                "address": str(a.ip),
-                "prefixlen": a.network.prefixlen,
-                "family": socket.AF_INET if a.version == 4 else socket.AF_INET6,
-            }
-            if a.version == 4 and a.network.prefixlen < 31:
-                kw["broadcast"] = str(a.network.broadcast_address)
-            if a.version == 6:
-                kw["flags"] = IFA_F_NODAD
             with translate_errors(f"add {a} to pod {ifname!r}", host=False):
-                ipr.addr("replace", **kw)
-        with translate_errors(f"set pod {ifname!r} up", host=False):
-            ipr.link("set", index=index, state="up")
-        with translate_errors("set pod lo up", host=False):
-            ipr.link("set", ifname="lo", state="up")
+                rtnl.request(_address_message(index, a), RTM_NEWADDR, NLM_F_CREATE | NLM_F_REPLACE)
+        for link_index, name in ((index, ifname), (LOOPBACK_INDEX, "lo")):
+            up = ifinfmsg()
+            up["index"] = link_index
+            up["flags"] = IFF_UP
+            up["change"] = IFF_UP
+            with translate_errors(f"set pod {name!r} up", host=False):
+                rtnl.request(up, RTM_NEWLINK)
         for r in routes:
-            rkw: dict[str, Any] = {
-                "dst": str(r.dst),
-                "oif": index,
-                "family": socket.AF_INET if r.dst.version == 4 else socket.AF_INET6,
-            }
-            if r.gw is None:
-                rkw["scope"] = RT_SCOPE_LINK
-            else:
-                rkw["gateway"] = str(r.gw)
             with translate_errors(f"add route {r.dst} via {r.gw} in pod", host=False):
-                ipr.route("replace", **rkw)
+                rtnl.request(_route_message(index, r), RTM_NEWROUTE, NLM_F_CREATE | NLM_F_REPLACE)
+
+
+def _address_message(index: int, a: IPv4Interface | IPv6Interface) -> ifaddrmsg:
+    msg = ifaddrmsg()
+    msg["family"] = socket.AF_INET if a.version == 4 else socket.AF_INET6
+    msg["prefixlen"] = a.network.prefixlen
+    msg["index"] = index
+    attrs: list[tuple[str, Any]] = [("IFA_LOCAL", str(a.ip)), ("IFA_ADDRESS", str(a.ip))]
+    if a.version == 4 and a.network.prefixlen < 31:
+        attrs.append(("IFA_BROADCAST", str(a.network.broadcast_address)))
+    if a.version == 6:
+        msg["flags"] = IFA_F_NODAD
+    msg["attrs"] = attrs
+    return msg
+
+
+def _route_message(index: int, r: Route) -> rtmsg:
+    msg = rtmsg()
+    msg["family"] = socket.AF_INET if r.dst.version == 4 else socket.AF_INET6
+    msg["dst_len"] = r.dst.prefixlen
+    msg["table"] = RT_TABLE_MAIN
+    msg["proto"] = RTPROT_BOOT
+    msg["scope"] = RT_SCOPE_LINK if r.gw is None else 0
+    msg["type"] = RTN_UNICAST
+    attrs: list[tuple[str, Any]] = [("RTA_OIF", index)]
+    if r.dst.prefixlen:
+        attrs.append(("RTA_DST", str(r.dst.network_address)))
+    if r.gw is not None:
+        attrs.append(("RTA_GATEWAY", str(r.gw)))
+    msg["attrs"] = attrs
+    return msg
 
 
 def delete_host_veth_if_exists(host_name: str) -> bool:
@@ -289,17 +358,19 @@ def delete_host_veth_if_exists(host_name: str) -> bool:
 
     Returns False when it was already gone. A non-veth link with that name is never deleted.
     """
-    ipr = host_ipr()
+    rtnl = host_rtnl()
     try:
         with translate_errors(f"get link {host_name!r}"):
-            msg = ipr.link("get", ifname=host_name)[0]
+            msg = rtnl.get_link(host_name)
     except LinkNotFound:
         return False
     if link_kind(msg) != "veth":
         raise DatapathError(f"{host_name!r} exists but is a {link_kind(msg)!r}, not a veth")
+    gone = ifinfmsg()
+    gone["index"] = int(msg["index"])
     try:
         with translate_errors(f"delete veth {host_name!r}"):
-            ipr.link("del", index=int(msg["index"]))
+            rtnl.request(gone, RTM_DELLINK)
     except LinkNotFound:
         return False
     return True
