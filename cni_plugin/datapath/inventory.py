@@ -10,6 +10,7 @@ from cni_plugin.datapath.nl import (
     LinkInfo,
     dump_retry,
     host_ipr,
+    host_rtnl,
     link_info,
     link_kind,
     translate_errors,
@@ -20,7 +21,7 @@ def lookup_bridge(name: str) -> LinkInfo | None:
     """The bridge called `name` in the host netns, or None if absent or not a bridge."""
     try:
         with translate_errors(f"get link {name!r}"):
-            msg = host_ipr().link("get", ifname=name)[0]
+            msg = host_rtnl().get_link(name)
     except LinkNotFound:
         return None
     return link_info(msg) if link_kind(msg) == "bridge" else None

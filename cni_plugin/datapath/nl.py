@@ -31,7 +31,15 @@ from typing import Any, TypeVar
 from pyroute2 import IPRoute
 from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST, nlmsg
 from pyroute2.netlink.exceptions import NetlinkDumpInterrupted, NetlinkError
-from pyroute2.netlink.rtnl import RTM_DELLINK, RTM_GETLINK, RTM_NEWADDR, RTM_NEWLINK, RTM_NEWROUTE
+from pyroute2.netlink.rtnl import (
+    RTM_DELLINK,
+    RTM_GETADDR,
+    RTM_GETLINK,
+    RTM_GETROUTE,
+    RTM_NEWADDR,
+    RTM_NEWLINK,
+    RTM_NEWROUTE,
+)
 from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
 from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 from pyroute2.netlink.rtnl.rtmsg import rtmsg
@@ -45,6 +53,8 @@ __all__ = [
     "IPRoute",
     "LinkInfo",
     "RTM_DELLINK",
+    "RTM_GETADDR",
+    "RTM_GETROUTE",
     "RTM_GETLINK",
     "RTM_NEWADDR",
     "RTM_NEWLINK",
@@ -73,6 +83,8 @@ IFF_PROMISC = 0x100
 NLM_F_DUMP_INTR = 0x10
 DUMP_ATTEMPTS = 5
 NLMSG_ERROR = 2
+NLMSG_DONE = 3
+NLM_F_DUMP = 0x300
 NETLINK_ROUTE = 0
 _HEADER = struct.Struct("=IHHII")  # nlmsghdr: length, type, flags, sequence, port id
 
@@ -147,28 +159,42 @@ class Rtnl:
 
     def request(self, msg: nlmsg, msg_type: int, flags: int = 0) -> list[bytes]:
         """Send `msg` as `msg_type` with NLM_F_ACK; return the raw replies that precede the ack."""
+        return self._exchange(msg, msg_type, NLM_F_ACK | flags)
+
+    def dump(self, msg: nlmsg, msg_type: int) -> list[bytes]:
+        """A dump request; the raw replies up to NLMSG_DONE. NetlinkDumpInterrupted when the kernel
+        flags the dump inconsistent, so `dump_retry` can run it again."""
+        return self._exchange(msg, msg_type, NLM_F_DUMP)
+
+    def _exchange(self, msg: nlmsg, msg_type: int, flags: int) -> list[bytes]:
         self._seq += 1
         seq = self._seq
         msg["header"]["type"] = msg_type
-        msg["header"]["flags"] = NLM_F_REQUEST | NLM_F_ACK | flags
+        msg["header"]["flags"] = NLM_F_REQUEST | flags
         msg["header"]["sequence_number"] = seq
         msg.encode()
         self.sock.send(msg.data)
         replies: list[bytes] = []
+        interrupted = False
         while True:
             data = self.sock.recv(65536)
             offset = 0
             while offset + _HEADER.size <= len(data):
-                length, mtype, _flags, rseq, _port = _HEADER.unpack_from(data, offset)
+                length, mtype, rflags, rseq, _port = _HEADER.unpack_from(data, offset)
                 if length < _HEADER.size:
                     raise DatapathError(f"malformed netlink reply (length {length})")
                 if rseq == seq:  # anything else is a stale reply to an abandoned request
+                    interrupted |= bool(rflags & NLM_F_DUMP_INTR)
                     if mtype == NLMSG_ERROR:
                         code = -int.from_bytes(
                             data[offset + 16 : offset + 20], sys.byteorder, signed=True
                         )
                         if code:
                             raise NetlinkError(code, os.strerror(code))
+                        return replies
+                    if mtype == NLMSG_DONE:
+                        if interrupted:
+                            raise NetlinkDumpInterrupted()
                         return replies
                     replies.append(data[offset : offset + length])
                 offset += (length + 3) & ~3

@@ -38,6 +38,8 @@ from .netns import netns_inode
 from .nl import (
     IFF_UP,
     RTM_DELLINK,
+    RTM_GETADDR,
+    RTM_GETROUTE,
     RTM_NEWADDR,
     RTM_NEWLINK,
     RTM_NEWROUTE,
@@ -388,6 +390,16 @@ def delete_pod_interface_if_exists(netns_fd: int, ifname: str) -> bool:
     return True
 
 
+def _decoded(replies: list[bytes], kind: type[Any]) -> list[Any]:
+    """pyroute2 messages decoded from raw replies (the same objects IPRoute would return)."""
+    out = []
+    for data in replies:
+        msg = kind(data)
+        msg.decode()
+        out.append(msg)
+    return out
+
+
 def _is_up(msg: Any) -> bool:
     return bool(int(msg["flags"]) & IFF_UP)
 
@@ -398,17 +410,17 @@ def inspect_pod_interface(netns_fd: int, ifname: str) -> PodInterfaceState | Non
     Three requests on one socket: the link, its addresses, and the (tiny) pod route table; only
     routes of the main table are reported.
     """
-    with pod_ipr(netns_fd) as ipr:
+    with pod_rtnl(netns_fd) as rtnl:
         try:
             with translate_errors(f"get pod link {ifname!r}", host=False):
-                link = ipr.link("get", ifname=ifname)[0]
+                link = rtnl.get_link(ifname)
         except LinkNotFound:
             return None
         index = int(link["index"])
         with translate_errors(f"dump pod addresses of {ifname!r}", host=False):
-            addrs = dump_retry(lambda: ipr.addr("dump", index=index))
+            addrs = dump_retry(lambda: _decoded(rtnl.dump(ifaddrmsg(), RTM_GETADDR), ifaddrmsg))
         with translate_errors("dump pod routes", host=False):
-            rts = dump_retry(lambda: ipr.route("dump", family=socket.AF_UNSPEC))
+            rts = dump_retry(lambda: _decoded(rtnl.dump(rtmsg(), RTM_GETROUTE), rtmsg))
     addresses: list[IPInterface] = [
         ip_interface(f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}")
         for a in addrs
@@ -441,7 +453,7 @@ def inspect_host_veth(host_name: str) -> HostVethState | None:
     """State of the host end in one RTM_GETLINK, or None when it does not exist."""
     try:
         with translate_errors(f"get link {host_name!r}"):
-            msg = host_ipr().link("get", ifname=host_name)[0]
+            msg = host_rtnl().get_link(host_name)
     except LinkNotFound:
         return None
     hairpin = False
