@@ -171,50 +171,60 @@ def test_same_container_second_ifname_gets_another_ip(
 
 
 @pytest.mark.parametrize("point", ["after-ipam", "after-veth", "before-result"])
-def test_failed_add_leaves_nothing(daemon: Daemon, netns: NetnsFactory, point: str) -> None:
+def test_failed_add_leaves_nothing(
+    daemon: Daemon, netns: NetnsFactory, runtime: Runtime, point: str
+) -> None:
     ns, path = netns()
-    cid = f"fault-{point}-1"
+    cid = f"fault-{point}-{runtime.kind}"
     before = len(allocations(daemon))
-    out = ExecRuntime().add(conf(daemon), path, cid)
-    assert out.rc == 1 and "injected fault" in out.out["msg"]
+    out = runtime.add(conf(daemon), path, cid)
+    assert out.failed_with(999, "injected fault"), out
     assert len(allocations(daemon)) == before
     assert oracle.link(host_veth_name(cid, "eth0")) is None
     assert oracle.link("eth0", netns=ns) is None
     assert [r for r in oracle.routes(netns=ns) if r["dst"] == "default"] == []
 
 
-def test_mac_precedence_and_cni_args_mac(daemon: Daemon, netns: NetnsFactory) -> None:
-    rt = ExecRuntime()
+def test_mac_precedence_and_cni_args_mac(
+    daemon: Daemon, netns: NetnsFactory, runtime: Runtime
+) -> None:
+    """runtimeConfig.mac (the mac capability) > args.cni.mac > CNI_ARGS MAC=."""
     ns, path = netns()
-    c = conf(
-        daemon,
-        runtimeConfig={"mac": "0a:58:0a:fa:00:aa"},
-        args={"cni": {"mac": "0a:58:0a:fa:00:bb"}},
-    )
-    assert rt.add(c, path, "mac1", cni_args="MAC=0a:58:0a:fa:00:cc").rc == 0
+    c = conf(daemon, capabilities={"mac": True}, args={"cni": {"mac": "0a:58:0a:fa:00:bb"}})
+    caps = {"mac": "0a:58:0a:fa:00:aa"}
+    assert runtime.add(c, path, "mac1", cni_args="MAC=0a:58:0a:fa:00:cc", cap_args=caps).rc == 0
     assert oracle.link("eth0", netns=ns)["address"] == "0a:58:0a:fa:00:aa"
-    assert rt.delete(c, path, "mac1").rc == 0
+    assert runtime.delete(c, path, "mac1", cap_args=caps).rc == 0
+    assert runtime.add(c, path, "mac2", cni_args="MAC=0a:58:0a:fa:00:cc").rc == 0
+    assert oracle.link("eth0", netns=ns)["address"] == "0a:58:0a:fa:00:bb"
+    assert runtime.delete(c, path, "mac2").rc == 0
     c2 = conf(daemon)
-    assert rt.add(c2, path, "mac2", cni_args="MAC=0a:58:0a:fa:00:cc").rc == 0
+    assert runtime.add(c2, path, "mac3", cni_args="MAC=0a:58:0a:fa:00:cc").rc == 0
     assert oracle.link("eth0", netns=ns)["address"] == "0a:58:0a:fa:00:cc"
-    assert rt.delete(c2, path, "mac2").rc == 0
+    assert runtime.delete(c2, path, "mac3").rc == 0
 
 
-def test_requested_ip_via_cni_args(daemon: Daemon, netns: NetnsFactory) -> None:
-    rt = ExecRuntime()
+def test_requested_ip_via_cni_args(daemon: Daemon, netns: NetnsFactory, runtime: Runtime) -> None:
     _, path = netns()
     subnet = ipaddress.ip_network(daemon.status()["subnets"][0]["subnet"])
     want = subnet.network_address + 200
     c = conf(daemon)
-    out = rt.add(c, path, "req1", cni_args=f"IgnoreUnknown=1;IP={want}")
+    out = runtime.add(c, path, "req1", cni_args=f"IgnoreUnknown=1;IP={want}")
     assert out.rc == 0 and out.out["ips"][0]["address"] == f"{want}/{subnet.prefixlen}"
     _, path2 = netns()
-    taken = rt.add(c, path2, "req2", cni_args=f"IP={want}")
-    assert taken.rc == 1 and "requested" in taken.out["msg"]
-    gw = rt.add(c, path2, "req3", cni_args=f"IP={subnet.network_address + 1}")
-    assert gw.rc == 1
-    assert allocations(daemon, "req2") == [] and allocations(daemon, "req3") == []
-    assert rt.delete(c, path, "req1").rc == 0
+    taken = runtime.add(c, path2, "req2", cni_args=f"IP={want}")
+    assert taken.failed_with(7, "requested IP"), taken
+    gw = runtime.add(c, path2, "req3", cni_args=f"IP={subnet.network_address + 1}")
+    assert gw.failed_with(7, "requested IP"), gw
+    outside = runtime.add(c, path2, "req4", cni_args="IP=192.0.2.200")
+    assert outside.failed_with(7, "not a pod address"), outside
+    assert (
+        allocations(daemon, "req2")
+        == allocations(daemon, "req3")
+        == allocations(daemon, "req4")
+        == []
+    )
+    assert runtime.delete(c, path, "req1").rc == 0
 
 
 def test_l2_only_config(daemon: Daemon, netns: NetnsFactory, runtime: Runtime) -> None:
@@ -255,16 +265,16 @@ def test_bridge_reused_and_non_bridge_clash(daemon: Daemon, netns: NetnsFactory)
         subprocess.run(["ip", "link", "del", "mtedummy0"], check=False)
 
 
-def test_hairpin_and_promisc(daemon: Daemon, netns: NetnsFactory) -> None:
-    rt = ExecRuntime()
+def test_hairpin_and_promisc(daemon: Daemon, netns: NetnsFactory, runtime: Runtime) -> None:
     _, path = netns()
     c = conf(daemon, hairpinMode=True)
-    assert rt.add(c, path, "hp1").rc == 0
+    assert runtime.add(c, path, "hp1").rc == 0
     port = oracle.link(host_veth_name("hp1", "eth0"))
     assert port["linkinfo"]["info_slave_data"]["hairpin"] is True
-    assert rt.delete(c, path, "hp1").rc == 0
-    both = rt.add(conf(daemon, hairpinMode=True, promiscMode=True), path, "hp2")
-    assert both.rc == 1 and both.code == 7
+    assert runtime.delete(c, path, "hp1").rc == 0
+    both = runtime.add(conf(daemon, hairpinMode=True, promiscMode=True), path, "hp2")
+    assert both.failed_with(7, "hairpin mode and promiscuous mode"), both
+    assert allocations(daemon, "hp2") == []
 
 
 # ---- DEL tolerance -------------------------------------------------------------------------------
@@ -292,13 +302,14 @@ def test_del_with_vanished_netns_releases(
     assert_detached(daemon, None, "gone-ns", "eth0")
 
 
-def test_del_with_interface_already_gone(daemon: Daemon, netns: NetnsFactory) -> None:
-    rt = ExecRuntime()
+def test_del_with_interface_already_gone(
+    daemon: Daemon, netns: NetnsFactory, runtime: Runtime
+) -> None:
     ns, path = netns()
     c = conf(daemon)
-    assert rt.add(c, path, "no-if").rc == 0
+    assert runtime.add(c, path, "no-if").rc == 0
     subprocess.run(["ip", "-n", ns, "link", "del", "eth0"], check=True)
-    assert rt.delete(c, path, "no-if").rc == 0
+    assert runtime.delete(c, path, "no-if").rc == 0
     assert_detached(daemon, ns, "no-if", "eth0")
 
 
@@ -310,13 +321,19 @@ def test_del_without_prior_add(daemon: Daemon, netns: NetnsFactory, runtime: Run
 # ---- CHECK ---------------------------------------------------------------------------------------
 
 
-def test_check_without_prev_result_fails(daemon: Daemon, netns: NetnsFactory) -> None:
+def test_check_without_prev_result_fails(
+    daemon: Daemon, netns: NetnsFactory, runtime: Runtime
+) -> None:
+    """libcni sends no prevResult when it has no cached result for the attachment."""
     rt = ExecRuntime()
     _, path = netns()
     c = conf(daemon)
-    assert rt.add(c, path, "chk0").rc == 0
-    out = rt.call("CHECK", c, container_id="chk0", netns=path, ifname="eth0")
-    assert out.rc == 1 and "prevResult" in out.out["msg"]
+    assert rt.add(c, path, "chk0").rc == 0  # not through libcni: it has nothing cached
+    if runtime.kind == "exec":
+        out = rt.call("CHECK", c, container_id="chk0", netns=path, ifname="eth0")
+    else:
+        out = runtime.check(c, path, "chk0")
+    assert out.failed_with(7, "prevResult"), out
     assert rt.delete(c, path, "chk0").rc == 0
 
 

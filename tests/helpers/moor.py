@@ -33,10 +33,23 @@ class Outcome:
     rc: int
     out: dict[str, Any]
     stderr: str
+    via: str = "exec"
 
     @property
     def code(self) -> int | None:
         return self.out.get("code")
+
+    def failed_with(self, code: int, text: str = "") -> bool:
+        """A failure with CNI `code` whose message has `text`.
+
+        Direct exec sees the error JSON; libcni turns it into one line on stderr that carries the
+        message but not the code, so only the message is checked there.
+        """
+        if self.rc != 1:
+            return False
+        if self.via == "exec":
+            return self.code == code and text in self.out.get("msg", "")
+        return text in self.stderr
 
 
 def run_cmd(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -213,7 +226,13 @@ class ExecRuntime:
         cni_args: str = "",
         plugin_path: Path | None = None,
         extra_env: dict[str, str] | None = None,
+        cap_args: dict[str, Any] | None = None,
     ) -> Outcome:
+        if cap_args:  # what libcni does: runtimeConfig holds the declared capabilities only
+            declared = conf.get("capabilities") or {}
+            runtime_config = {k: v for k, v in cap_args.items() if declared.get(k)}
+            if runtime_config:
+                conf = {**conf, "runtimeConfig": runtime_config}
         env = {
             "CNI_COMMAND": command,
             "CNI_CONTAINERID": container_id,
@@ -303,6 +322,7 @@ class LibcniRuntime:
         container_id: str,
         ifname: str,
         cni_args: str = "",
+        cap_args: dict[str, Any] | None = None,
     ) -> Outcome:
         proc = cnidrv.run(
             verb,
@@ -313,10 +333,11 @@ class LibcniRuntime:
             cache_dir=self.cache_dir,
             ifname=ifname,
             cni_args=cni_args or None,
+            cap_args=cap_args,
             container_id=container_id,
         )
         out = json.loads(proc.stdout) if proc.stdout.strip() else {}
-        return Outcome(proc.returncode, out, proc.stderr)
+        return Outcome(proc.returncode, out, proc.stderr, via="libcni")
 
     def add(
         self, conf: dict[str, Any], netns: str, container_id: str, ifname: str = "eth0", **kw: Any
