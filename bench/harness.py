@@ -17,13 +17,14 @@ import select
 import shlex
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from tests.helpers.moor import Daemon
 
 REPO = Path(__file__).resolve().parents[1]
 SHIM = REPO / "bin" / "moor"
@@ -242,44 +243,22 @@ class ProcessCpu:
         return own + children / self.tick
 
 
-@dataclass
-class MoorDaemon:
-    """A private moor-ipamd for the bench: its own sockets, SQLite store, spool and nat chain."""
+class MoorDaemon(Daemon):
+    """The tests' moor-ipamd, tuned for measuring: quiet logs, no fault hook, its own session."""
 
-    workdir: Path
-    log_level: str = "warning"
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def cni_socket(self) -> str:
-        return str(self.workdir / "run" / "cni.sock")
-
-    @property
-    def grpc_socket(self) -> str:
-        return str(self.workdir / "run" / "ipamd.sock")
+    def __init__(self, workdir: Path, log_level: str = "warning") -> None:
+        super().__init__(
+            workdir=workdir,
+            name="mbn-node",
+            network=MOOR_NETWORK,
+            bridge=MOOR_BRIDGE,
+            log_level=log_level,
+            fault_injection=False,
+        )
 
     @property
-    def spool_dir(self) -> str:
-        return str(self.workdir / "spool")
-
-    @property
-    def log_path(self) -> Path:
-        return self.workdir / "ipamd.log"
-
-    def argv(self) -> list[str]:
-        return [
-            sys.executable, "-m", "ipamd",
-            "--node-name", "mbn-node",
-            "--store", f"sqlite://{self.workdir}/store.db",
-            "--network", MOOR_NETWORK,
-            "--subnet-len", "24",
-            "--cni-socket", self.cni_socket,
-            "--grpc-socket", self.grpc_socket,
-            "--spool-dir", self.spool_dir,
-            "--state-dir", str(self.workdir / "state"),
-            "--masq-chain", MASQ_CHAIN,
-            "--log-level", self.log_level,
-        ]  # fmt: skip
+    def masq_chain(self) -> str:
+        return MASQ_CHAIN
 
     def start(self, timeout: float = 30.0) -> ProcessCpu:
         """Start it in its own session (a Ctrl-C must not stop it before the bench's DELs)."""
@@ -307,17 +286,6 @@ class MoorDaemon:
         with contextlib.suppress(OSError):
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         return ""
-
-    def stop(self) -> None:
-        """SIGTERM by PID, then SIGKILL if it does not exit in 15 s."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
 
 
 # -- host state ------------------------------------------------------------------------------

@@ -77,6 +77,8 @@ class Daemon:
     subnet_len: int = 24
     cooldown: float = 60.0
     extra_args: list[str] = field(default_factory=list)
+    log_level: str = "debug"
+    fault_injection: bool = True
     proc: subprocess.Popen | None = None
 
     @property
