@@ -41,11 +41,12 @@ class DaemonConfig:
             net = ipaddress.ip_network(self.network)
         except ValueError as exc:
             raise ValueError(f"--network {self.network!r} is not a CIDR network: {exc}") from exc
-        limit = 30 if net.version == 4 else 126
-        if not net.prefixlen < self.subnet_len <= limit:
+        if net.version != 4:
+            raise ValueError(f"--network {self.network}: IPv6 pod networks are not supported yet")
+        if not net.prefixlen < self.subnet_len <= 30:
             raise ValueError(
                 f"--subnet-len {self.subnet_len} must be longer than the network's /{net.prefixlen} "
-                f"and at most /{limit}"
+                "and at most /30"
             )
         if self.cooldown < 0 or self.leak_gc_grace < 0 or self.lease_ttl <= 0:
             raise ValueError("cooldown and leak-gc-grace must be >= 0, lease-ttl > 0")

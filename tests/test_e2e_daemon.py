@@ -163,6 +163,8 @@ def test_bad_flags_are_one_clear_line(tmp_path: Path) -> None:
     for args, needle in (
         (["--network", "10.0.0.0/33"], "not a CIDR"),
         (["--network", "10.0.0.0/16", "--subnet-len", "8"], "--subnet-len 8"),
+        (["--network", "10.0.0.0/16", "--subnet-len", "31"], "at most /30"),
+        (["--network", "fd00:10::/48"], "IPv6 pod networks are not supported yet"),
         (["--store", "redis://x"], "store"),
     ):
         proc = subprocess.run(
