@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.helpers.moor import Daemon
+from tests.helpers.moor import Daemon, plugin_config
 
 REPO = Path(__file__).resolve().parents[1]
 SHIM = REPO / "bin" / "moor"
@@ -179,17 +179,7 @@ class Plugin:
 
 
 def moor_plugin(daemon: MoorDaemon) -> Plugin:
-    conf = {
-        "cniVersion": CNI_VERSION,
-        "name": MOOR_NAME,
-        "type": "moor",
-        "bridge": MOOR_BRIDGE,
-        "isGateway": True,
-        "isDefaultGateway": True,
-        "ipMasq": True,
-        "daemonSocket": daemon.cni_socket,
-        "spoolDir": daemon.spool_dir,
-    }
+    conf = plugin_config(MOOR_NAME, CNI_VERSION, daemon.plugin())
     return Plugin("moor", SHIM, conf, f"{SHIM.parent}:{REFERENCE_DIR}", MOOR_NETNS)
 
 

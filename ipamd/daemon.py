@@ -15,7 +15,6 @@ import time
 from types import FrameType
 
 from cni_plugin import skel
-from cni_plugin.datapath import veth
 from cni_plugin.datapath.inventory import host_link_names
 from cni_plugin.datapath.masq import MasqueradeRules
 from cni_plugin.errors import CNIError
@@ -83,7 +82,6 @@ class Daemon:
             self.ipam,
             host_link_names,
             grace=cfg.leak_gc_grace,
-            delete_host_veth=veth.delete_host_veth_if_exists,
         )
         replay_spool(cfg.spool_dir, lambda req: self.handle(req, None))
         self.endpoint = CniEndpoint(cfg.cni_socket, self.handle, workers=cfg.workers)

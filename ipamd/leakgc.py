@@ -45,13 +45,11 @@ class LeakCollector:
         *,
         grace: float = 600.0,
         clock: Callable[[], float] = time.monotonic,
-        delete_host_veth: Callable[[str], object] | None = None,
     ) -> None:
         self.ipam = ipam
         self.host_link_names = host_link_names
         self.grace = grace
         self.clock = clock
-        self.delete_host_veth = delete_host_veth
         self._since: dict[tuple[str, str, str], float] = {}
 
     def _is_candidate(self, alloc: Allocation, links: set[str]) -> bool:
