@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import etcd
 from tests.helpers.moor import Daemon, ExecRuntime, LibcniRuntime, delete_netns, make_netns
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -67,6 +68,17 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     d = start_daemon(tmp_path_factory.mktemp("ipamd"), "mte", "10.250.0.0/16", "mtebr0")
     yield d
     d.cleanup_host()
+
+
+@pytest.fixture(scope="session")
+def etcd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[etcd.EtcdServer]:
+    """One real etcd for the session, on random loopback ports; tests use distinct key prefixes."""
+    ok, why = etcd.available()
+    require(ok, why)
+    server = etcd.EtcdServer(tmp_path_factory.mktemp("etcd"))
+    server.start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture

@@ -29,15 +29,18 @@ from ipamd.store import (
     LeaseNotFound,
     Put,
     Store,
-    StoreError,
     StoreUnavailable,
     WatchCompacted,
     WatchEvent,
     open_store,
 )
+from ipamd.store.etcd import EtcdStore
 from ipamd.store.sqlite import SqliteStore
+from tests.conftest import require
+from tests.helpers.etcd import EtcdServer, free_port
+from tests.helpers.etcd import available as etcd_available
 
-BACKENDS = ["sqlite"]
+BACKENDS = ["sqlite", "etcd"]
 
 LEASE_TTL = 2.0  # seconds; real backends sleep for this, so keep it small
 
@@ -71,6 +74,17 @@ class Backend:
 _BACKENDS_BY_STORE: dict[int, Backend] = {}
 
 
+@pytest.fixture(scope="module")
+def contract_etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
+    """An etcd of this module's own: the tests count revisions, so nobody else may write."""
+    ok, why = etcd_available()
+    require(ok, why)
+    server = EtcdServer(tmp_path_factory.mktemp("contract-etcd"))
+    server.start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
     if request.param == "sqlite":
@@ -86,6 +100,19 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
         store = open_peer()
         assert isinstance(store, SqliteStore)
         b = Backend("sqlite", store, clock, open_peer, store.compact, opened)
+    elif request.param == "etcd":
+        server = request.getfixturevalue("contract_etcd")
+        server.wipe()
+        opened = []
+
+        def open_peer() -> Store:
+            s = open_store(server.url)
+            opened.append(s)
+            return s
+
+        store = open_peer()
+        assert isinstance(store, EtcdStore)
+        b = Backend("etcd", store, None, open_peer, store.compact, opened)
     else:  # pragma: no cover - a backend listed without a branch here
         raise AssertionError(f"no fixture branch for backend {request.param!r}")
     _BACKENDS_BY_STORE[id(store)] = b
@@ -659,7 +686,11 @@ def test_sqlite_state_survives_reopen(tmp_path: Path) -> None:
 
 _WRITER = """
 import sys
+from ipamd.store.etcd import EtcdStore
 from ipamd.store.sqlite import SqliteStore
+from tests.conftest import require
+from tests.helpers.etcd import EtcdServer, free_port
+from tests.helpers.etcd import available as etcd_available
 s = SqliteStore(sys.argv[1])
 for i in range(20):
     assert s.create(f"/proc/{i:02d}", b"child")
@@ -711,9 +742,40 @@ def test_open_store_sqlite(tmp_path: Path) -> None:
     s.close()
 
 
-def test_open_store_etcd_not_yet() -> None:
-    with pytest.raises(StoreError, match="not implemented"):
-        open_store("etcd://127.0.0.1:2379")
+def test_open_store_etcd(contract_etcd: EtcdServer) -> None:
+    with open_store(contract_etcd.url) as s:
+        assert isinstance(s, EtcdStore)
+        s.ping()
+    two = open_store(f"etcd://127.0.0.1:1,{contract_etcd.endpoint}")
+    assert isinstance(two, EtcdStore)
+    two.close()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "etcd://",
+        "etcd://host",
+        "etcd://host:0",
+        "etcd://host:x",
+        "etcd://h:1/prefix",
+        "etcd://u@h:1",
+    ],
+)
+def test_open_store_bad_etcd_urls(url: str) -> None:
+    with pytest.raises(ValueError, match="etcd"):
+        open_store(url)
+
+
+def test_etcd_down_is_unavailable_fast() -> None:
+    """Nothing listens on the port: calls fail with StoreUnavailable within the deadline."""
+    port = free_port()
+    with open_store(f"etcd://127.0.0.1:{port}", timeout=1.0) as s:
+        for _ in range(3):
+            t0 = time.monotonic()
+            with pytest.raises(StoreUnavailable):
+                s.get("/k")
+            assert time.monotonic() - t0 < 1.5
 
 
 @pytest.mark.parametrize(
@@ -732,3 +794,29 @@ def test_open_store_etcd_not_yet() -> None:
 def test_open_store_bad_urls(url: str) -> None:
     with pytest.raises(ValueError):
         open_store(url)
+
+
+def test_etcd_outage_then_recovery(contract_etcd: EtcdServer) -> None:
+    """etcd goes away: calls fail fast with StoreUnavailable; it returns: the same client works."""
+    contract_etcd.wipe()
+    with open_store(contract_etcd.url, timeout=1.0) as s:
+        s.put("/outage/a", b"1")
+        contract_etcd.stop()
+        try:
+            for _ in range(3):
+                t0 = time.monotonic()
+                with pytest.raises(StoreUnavailable):
+                    s.create("/outage/b", b"2")
+                assert time.monotonic() - t0 < 1.5
+        finally:
+            contract_etcd.start()
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert s.create("/outage/b", b"2")
+                break
+            except StoreUnavailable:
+                assert time.monotonic() < deadline, "client did not recover after etcd returned"
+                time.sleep(0.1)
+        kv = s.get("/outage/a")
+        assert kv is not None and kv.value == b"1"  # data survived the restart

@@ -6,11 +6,11 @@ import os
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from ipamd.store.base import Store, StoreError
+from ipamd.store.base import Store
 
 
 def open_store(url: str, **kw: Any) -> Store:
-    """`sqlite:///abs/path.db` or (later) `etcd://host:port,...`; `kw` goes to the backend.
+    """`sqlite:///abs/path.db` or `etcd://host:port[,host:port...]`; `kw` goes to the backend.
 
     The SQLite parent directory is created 0700 when missing: the state is the node's IPAM
     truth and nothing but the daemon should write it.
@@ -22,7 +22,7 @@ def open_store(url: str, **kw: Any) -> Store:
     if sep and scheme == "sqlite":
         return _open_sqlite(url, **kw)
     if sep and scheme == "etcd":
-        raise StoreError("etcd backend is not implemented yet")
+        return _open_etcd(url, **kw)
     raise ValueError(
         f"unsupported store URL {url!r}: expected sqlite:///absolute/path.db or etcd://host:port"
     )
@@ -45,3 +45,20 @@ def _open_sqlite(url: str, **kw: Any) -> Store:
         os.makedirs(parent, mode=0o700, exist_ok=True)
         os.chmod(parent, 0o700)  # makedirs' mode is filtered by the umask
     return SqliteStore(path, **kw)
+
+
+def _open_etcd(url: str, **kw: Any) -> Store:
+    """TLS options (`ca_file`, `cert_file`, `key_file`) and `timeout` come in `kw`."""
+    from ipamd.store.etcd import EtcdStore, parse_endpoints
+
+    rest = url.partition("://")[2]
+    if not rest or any(c in rest for c in "/?#@"):
+        raise ValueError(
+            f"bad etcd store URL {url!r}: expected etcd://host:port[,host:port...]"
+            " (the key prefix is --key-prefix, TLS files are --etcd-cafile/certfile/keyfile)"
+        )
+    try:
+        endpoints = parse_endpoints(rest)
+    except ValueError as exc:
+        raise ValueError(f"bad etcd store URL {url!r}: {exc}") from exc
+    return EtcdStore(endpoints, **kw)
