@@ -5,7 +5,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 SYSTEM_PYTHON := /usr/bin/python3
-APT_PACKAGES := python3-venv containernetworking-plugins etcd-server etcd-client golang-go \
+APT_PACKAGES := python3-venv containernetworking-plugins etcd-server etcd-client golang-go openssl \
 	golang-github-appc-cni-dev iptables iproute2
 PROTO := ipamd/api/v1/ipam.proto
 CNIDRV := tests/cnidrv/cnidrv

@@ -1,8 +1,10 @@
-"""`make demo`: one node end to end, then everything torn down.
+"""`make demo [STORE=etcd]`: one node end to end, then everything torn down.
 
-moor-ipamd on the embedded store; three pod netns networked through bin/moor by the real libcni
+moor-ipamd on the embedded store (or, with `--store etcd`, on a local etcd started in the demo's
+temp dir on random loopback ports); three pod netns networked through bin/moor by the real libcni
 (tests/cnidrv); each pod's IP; a connectivity matrix (UDP echo, since the machine has no ping);
-`moorctl status`; teardown. Traffic stays inside the demo's own netns and bridge.
+`moorctl status`; with etcd, the keys the cluster state is made of and one IP record; teardown
+(etcd included, by PID). Traffic stays inside the demo's own netns and bridge.
 """
 
 from __future__ import annotations
@@ -54,20 +56,22 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="make demo")
     parser.add_argument("--store", default="sqlite", choices=["sqlite", "etcd"])
     opts = parser.parse_args()
-    if opts.store == "etcd":
-        print(
-            "the etcd store arrives with cluster IPAM (issue 8); this demo runs on the embedded store"
-        )
-        return 2
     if os.geteuid() != 0:
         print("make demo needs root (network namespaces, a bridge, iptables)")
         return 1
     sys.path.insert(0, str(REPO))
-    from tests.helpers import cnidrv
+    from tests.helpers import cnidrv, etcd
+
+    if opts.store == "etcd":
+        ok, why = etcd.available()
+        if not ok:
+            print(f"make demo STORE=etcd: {why}")
+            return 1
 
     work = Path(tempfile.mkdtemp(prefix="moor-demo-"))
     forward_before = Path("/proc/sys/net/ipv4/ip_forward").read_text().strip()
     daemon: subprocess.Popen | None = None
+    etcd_server: etcd.EtcdServer | None = None
     echoes: list[subprocess.Popen] = []
     netconf_dir, bin_dir = work / "net.d", work / "cni-bin"
     netconf_dir.mkdir()
@@ -104,7 +108,14 @@ def main() -> int:
         )
 
     try:
-        print(f"== starting moor-ipamd (embedded store {work}/store.db, network {NETWORK})")
+        if opts.store == "etcd":
+            etcd_server = etcd.EtcdServer(work / "etcd", name="moor-demo")
+            print(f"== starting etcd on {etcd_server.endpoint} (data in {etcd_server.workdir})")
+            etcd_server.start()
+            store, where = etcd_server.url, f"etcd {etcd_server.endpoint}"
+        else:
+            store, where = f"sqlite://{work}/store.db", f"embedded store {work}/store.db"
+        print(f"== starting moor-ipamd ({where}, network {NETWORK})")
         daemon = subprocess.Popen(
             [
                 sys.executable,
@@ -113,7 +124,7 @@ def main() -> int:
                 "--node-name",
                 "demo-node",
                 "--store",
-                f"sqlite://{work}/store.db",
+                store,
                 "--network",
                 NETWORK,
                 "--cni-socket",
@@ -190,27 +201,45 @@ def main() -> int:
                 sys.executable, "-m", "ipamd.cli", "--socket", str(grpc_socket), "status", cwd=REPO
             ).stdout
         )
+        if etcd_server is not None:
+            print(f"== the cluster state in etcd ({etcd_server.endpoint})")
+            print("$ etcdctl get /moor --prefix --keys-only")
+            for key in etcd_server.etcdctl("get", "/moor", "--prefix", "--keys-only").split():
+                print(f"   {key}")
+            first_ip = f"/moor/ips/{ips[PODS[0]].split('/')[0]}"
+            print(f"$ etcdctl get {first_ip} --print-value-only")
+            record = etcd_server.etcdctl("get", first_ip, "--print-value-only")
+            print(json.dumps(json.loads(record), indent=2))
+            print()
         ok = all(c != "-" for r in rows for c in r[1:])
         print("all pods reach each other and the host" if ok else "SOME PATHS FAILED")
         return 0 if ok else 1
     finally:
         print("== tearing down")
-        for p in echoes:
-            p.kill()
-            p.wait()
-        for pod in PODS:
-            if Path(f"/run/netns/{pod}").exists():
-                cni("del", pod)
-                sh("ip", "netns", "del", pod, check=False)
-        if daemon is not None and daemon.poll() is None:
-            daemon.send_signal(signal.SIGTERM)
-            daemon.wait(10)
-        sh("ip", "link", "del", BRIDGE, check=False)
-        from cni_plugin.datapath.masq import MasqueradeRules
+        try:
+            for p in echoes:
+                p.kill()
+                p.wait()
+            for pod in PODS:
+                if Path(f"/run/netns/{pod}").exists():
+                    cni("del", pod)
+                    sh("ip", "netns", "del", pod, check=False)
+            if daemon is not None and daemon.poll() is None:
+                daemon.send_signal(signal.SIGTERM)
+                try:
+                    daemon.wait(10)
+                except subprocess.TimeoutExpired:
+                    daemon.kill()
+                    daemon.wait()
+            sh("ip", "link", "del", BRIDGE, check=False)
+            from cni_plugin.datapath.masq import MasqueradeRules
 
-        MasqueradeRules(CHAIN).remove()
-        Path("/proc/sys/net/ipv4/ip_forward").write_text(forward_before)
-        sh("rm", "-rf", str(work))
+            MasqueradeRules(CHAIN).remove()
+            Path("/proc/sys/net/ipv4/ip_forward").write_text(forward_before)
+        finally:
+            if etcd_server is not None:
+                etcd_server.stop()  # its own process only, by PID (SIGTERM, then SIGKILL)
+            sh("rm", "-rf", str(work))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from ipamd.errors import NetworkExhausted, RequestedIPUnavailable
 from ipamd.leases import SubnetLeaseManager
 from ipamd.model import Allocation, IPAddress, IPNetwork, Owner
-from ipamd.store.base import Compare, Delete, Put, Store
+from ipamd.store.base import Compare, Delete, KeyValue, Put, Store
 from ipamd.store.keys import Keys
 
 log = logging.getLogger(__name__)
@@ -133,8 +133,7 @@ class NodeAllocator:
         subnets = self.leases.subnets
         pools = {s: SubnetPool(s) for s in subnets}
         by_handle: dict[tuple[str, str, str], Allocation] = {}
-        items, _ = self.store.list_prefix(self.keys.ips_prefix())
-        for kv in items:
+        for kv in self._list_subnets(self.keys.ips_prefix_for, subnets):
             ip = self.keys.parse_ip(kv.key)
             pool = self._pool_for(ip, pools) if ip is not None else None
             if ip is None or pool is None:
@@ -143,7 +142,7 @@ class NodeAllocator:
             pool.used.add(ip)
             by_handle[alloc.owner.handle] = alloc
         released: list[tuple[float, IPAddress]] = []
-        for kv in self.store.list_prefix(self.keys.released_prefix())[0]:
+        for kv in self._list_subnets(self.keys.released_prefix_for, subnets):
             ip = self.keys.parse_released(kv.key)
             if ip is not None and self._pool_for(ip, pools) is not None:
                 released.append((float(json.loads(kv.value).get("releasedAt", 0)), ip))
@@ -154,6 +153,17 @@ class NodeAllocator:
         with self._lock:
             self._pools = pools
             self._by_handle = by_handle
+
+    def _list_subnets(
+        self, prefix_for: Callable[[IPNetwork], str], subnets: list[IPNetwork]
+    ) -> list[KeyValue]:
+        """Records under the key prefixes covering `subnets`: this node's part of the cluster's
+        state, not all of it (callers still filter by subnet membership)."""
+        return [
+            kv
+            for prefix in sorted({prefix_for(subnet) for subnet in subnets})
+            for kv in self.store.list_prefix(prefix)[0]
+        ]
 
     @staticmethod
     def _pool_for(ip: IPAddress, pools: dict[IPNetwork, SubnetPool]) -> SubnetPool | None:
@@ -252,10 +262,14 @@ class NodeAllocator:
         return got
 
     def _pick_available(self, force_cooling: bool = False) -> tuple[IPAddress, SubnetPool] | None:
-        """A fresh address, else a cooled-off released one (any cooling one when forced)."""
+        """A fresh address, else a cooled-off released one (any cooling one when forced).
+
+        Only from subnets the node still leases: one lost to another node is never handed out.
+        """
+        held = set(self.leases.subnets)
         with self._lock:
             now = self.clock()
-            pools = list(self._pools.values())
+            pools = [p for p in self._pools.values() if p.subnet in held]
             for pool in pools:
                 ip = pool.take_fresh()
                 if ip is not None:
@@ -300,50 +314,58 @@ class NodeAllocator:
     def release(self, network: str, container_id: str, ifname: str) -> Allocation | None:
         """Free the IP held by this handle, comparing owner and revision; None if it held none."""
         handle = (network, container_id, ifname)
-        handle_key = self.keys.handle(*handle)
-        for _ in range(TXN_RETRIES):
-            hkv = self.store.get(handle_key)
-            if hkv is None:
-                with self._lock:
-                    self._by_handle.pop(handle, None)
-                return None
-            try:
-                ip = ipaddress.ip_address(hkv.value.decode())
-            except ValueError:
-                ip = None
-            compares = [Compare(handle_key, hkv.mod_revision)]
-            ops: list[Put | Delete] = [Delete(handle_key)]
-            alloc = None
-            if ip is not None and (ikv := self.store.get(self.keys.ip(ip))) is not None:
-                candidate = Allocation.from_json(ip, ikv.value)
-                if candidate.owner.handle == handle:
-                    alloc = candidate
-                    now = self.clock()
-                    compares.append(Compare(self.keys.ip(ip), ikv.mod_revision))
-                    ops += [
-                        Delete(self.keys.ip(ip)),
-                        Put(
-                            self.keys.released(ip),
-                            json.dumps({"releasedAt": now, "node": self.node}).encode(),
-                        ),
-                    ]
-                else:
-                    log.warning(
-                        "handle %s points at %s, which %s now holds: dropping only the handle",
-                        handle,
-                        ip,
-                        candidate.owner.handle,
-                    )
-            if self.store.txn(compares, ops).succeeded:
-                with self._lock:
-                    self._by_handle.pop(handle, None)
-                    if alloc is not None:
-                        pool = self._pool_for(alloc.ip, self._pools)
-                        if pool is not None:
-                            pool.used.discard(alloc.ip)
-                            pool.released.append((alloc.ip, self.clock()))
-                return alloc
-        raise RuntimeError(f"release of {handle} kept conflicting")
+        with self._lock:  # pending: the delete event the store watch echoes back is ours
+            known = self._by_handle.get(handle)
+            if known is not None:
+                self._pool_pending(known.ip, add=True)
+        try:
+            alloc = release_handle(self.store, self.keys, handle, node=self.node, clock=self.clock)
+        except BaseException:
+            with self._lock:
+                if known is not None:
+                    self._pool_pending(known.ip, add=False)
+            raise
+        with self._lock:
+            if known is not None:
+                self._pool_pending(known.ip, add=False)
+            self._by_handle.pop(handle, None)
+            if alloc is not None:
+                pool = self._pool_for(alloc.ip, self._pools)
+                if pool is not None:
+                    pool.used.discard(alloc.ip)
+                    pool.released.append((alloc.ip, self.clock()))
+        return alloc
+
+    def _pool_pending(self, ip: IPAddress, *, add: bool) -> None:
+        pool = self._pool_for(ip, self._pools)
+        if pool is not None:
+            if add:
+                pool.pending.add(ip)
+            else:
+                pool.pending.discard(ip)
+
+    # ---- changes made by others (admin release, node remove) ---------------------------------
+    def observe(self, kind: str, ip: IPAddress) -> None:
+        """Follow a change of an IP record made elsewhere, so the free set matches the store.
+
+        Our own allocations and releases come back here too: an IP that is pending (our txn in
+        flight) is left alone, and the rest is idempotent.
+        """
+        with self._lock:
+            pool = self._pool_for(ip, self._pools)
+            if pool is None or ip in pool.pending:
+                return
+            if kind == "put":
+                pool.used.add(ip)
+                return
+            if ip not in pool.used:
+                return
+            pool.used.discard(ip)
+            pool.released.append((ip, self.clock()))
+            for handle, alloc in list(self._by_handle.items()):
+                if alloc.ip == ip:
+                    del self._by_handle[handle]
+        log.warning("%s was released outside this node (moorctl?): forgotten here too", ip)
 
     # ---- views -----------------------------------------------------------------------------
     def get(self, network: str, container_id: str, ifname: str) -> Allocation | None:
@@ -373,3 +395,60 @@ class NodeAllocator:
                 PoolStatus(p.subnet, p.gateway, p.total, len(p.used), p.cooling(now, self.cooldown))
                 for p in sorted(self._pools.values(), key=lambda p: int(p.subnet.network_address))
             ]
+
+
+# ---- release, shared with the Admin service's cluster-wide operations (ipamd/ops.py) ----------
+def free_ip_ops(
+    keys: Keys, ip: IPAddress, mod_revision: int, *, node: str, now: float
+) -> tuple[list[Compare], list[Put | Delete]]:
+    """The IP half of every release txn: the record is unchanged; delete it; start its cooldown."""
+    return [Compare(keys.ip(ip), mod_revision)], [
+        Delete(keys.ip(ip)),
+        Put(keys.released(ip), json.dumps({"releasedAt": now, "node": node}).encode()),
+    ]
+
+
+def release_handle(
+    store: Store,
+    keys: Keys,
+    handle: tuple[str, str, str],
+    *,
+    node: str,
+    clock: Callable[[], float] = time.time,
+) -> Allocation | None:
+    """Free the IP `handle` holds in one txn comparing the handle's and the IP record's revisions.
+
+    None if the handle held nothing. A handle whose IP now belongs to someone else loses only the
+    handle, so a stale release never frees another pod's IP. `node` is who released (recorded).
+    """
+    handle_key = keys.handle(*handle)
+    for _ in range(TXN_RETRIES):
+        hkv = store.get(handle_key)
+        if hkv is None:
+            return None
+        try:
+            ip = ipaddress.ip_address(hkv.value.decode())
+        except ValueError:
+            ip = None
+        compares = [Compare(handle_key, hkv.mod_revision)]
+        ops: list[Put | Delete] = [Delete(handle_key)]
+        alloc = None
+        if ip is not None and (ikv := store.get(keys.ip(ip))) is not None:
+            candidate = Allocation.from_json(ip, ikv.value)
+            if candidate.owner.handle == handle:
+                alloc = candidate
+                more_compares, more_ops = free_ip_ops(
+                    keys, ip, ikv.mod_revision, node=node, now=clock()
+                )
+                compares += more_compares
+                ops += more_ops
+            else:
+                log.warning(
+                    "handle %s points at %s, which %s now holds: dropping only the handle",
+                    handle,
+                    ip,
+                    candidate.owner.handle,
+                )
+        if store.txn(compares, ops).succeeded:
+            return alloc
+    raise RuntimeError(f"release of {handle} kept conflicting")

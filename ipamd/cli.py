@@ -1,6 +1,9 @@
 """moorctl: the admin CLI over moor-ipamd's gRPC API. Tables for people, `--json` for scripts.
 
-Errors are one clear line on stderr with a non-zero exit.
+`status` asks the node's Ipam service; everything else asks its Admin service, which works on the
+cluster-wide store (any node's daemon answers for the whole cluster). Errors are one clear line,
+`moorctl: <message>`, on stderr with exit 1. grpc and the stubs are imported only once the
+arguments are good, so `--help` and usage errors stay fast.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 DEFAULT_SOCKET = "/run/moor/ipamd.sock"
@@ -63,7 +67,7 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
 
 def render_status(data: dict[str, Any]) -> str:
     state = "ready" if data["ready"] else f"NOT READY ({data['reason']})"
-    out = [f"node {data['node']}  network {data['network']}  {state}", ""]
+    out = [f"node {data['node']}  network {data['network'] or '-'}  {state}", ""]
     out.append(
         table(
             ["SUBNET", "GATEWAY", "USED", "FREE", "COOLING", "TOTAL"],
@@ -100,26 +104,313 @@ def render_status(data: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def main(argv: list[str] | None = None) -> int:
+def when(since: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)) if since else "-"
+
+
+class CliError(Exception):
+    """A problem moorctl finds itself (bad argument), reported like a daemon error."""
+
+
+# ---- Admin: network config -------------------------------------------------------------------
+def _config_dict(c: Any) -> dict[str, Any]:
+    return {
+        "network": c.network,
+        "subnetLen": c.subnet_len,
+        "subnetMin": c.subnet_min,
+        "subnetMax": c.subnet_max,
+        "fixedRanges": list(c.fixed_ranges),
+        "backend": c.backend,
+    }
+
+
+def _network_show(channel: Any, args: argparse.Namespace) -> dict[str, Any]:
+    from ipamd.api.v1 import ipam_pb2, ipam_pb2_grpc
+
+    r = ipam_pb2_grpc.AdminStub(channel).NetworkShow(ipam_pb2.NetworkShowRequest(), timeout=30)
+    return _config_dict(r.config)
+
+
+def _network_init(channel: Any, args: argparse.Namespace) -> dict[str, Any]:
+    from ipamd.api.v1 import ipam_pb2, ipam_pb2_grpc
+
+    config = ipam_pb2.NetworkConfig(
+        network=args.network,
+        subnet_len=args.subnet_len,
+        subnet_min=args.subnet_min,
+        subnet_max=args.subnet_max,
+        fixed_ranges=args.fixed_range,
+        backend=args.backend,
+    )
+    r = ipam_pb2_grpc.AdminStub(channel).NetworkInit(
+        ipam_pb2.NetworkInitRequest(config=config), timeout=30
+    )
+    return {"created": r.created, "config": _config_dict(r.config)}
+
+
+def render_config(c: dict[str, Any]) -> str:
+    rows = [
+        ["network", c["network"]],
+        ["subnet-len", str(c["subnetLen"])],
+        ["subnet-min", c["subnetMin"] or "-"],
+        ["subnet-max", c["subnetMax"] or "-"],
+        ["fixed-ranges", ", ".join(c["fixedRanges"]) or "-"],
+        ["backend", c["backend"]],
+    ]
+    return "\n".join(f"{k:<13} {v}" for k, v in rows)
+
+
+def render_network_init(data: dict[str, Any]) -> str:
+    first = "network config written" if data["created"] else "network config already present"
+    return f"{first}:\n{render_config(data['config'])}"
+
+
+# ---- Admin: subnets and utilization ----------------------------------------------------------
+def _usage_dict(u: Any) -> dict[str, Any]:
+    return {
+        "subnet": u.subnet,
+        "node": u.node,
+        "publicIP": u.public_ip,
+        "since": u.since,
+        "backend": json.loads(u.backend_json or "{}"),
+        "total": u.total,
+        "reserved": u.reserved,
+        "allocated": u.allocated,
+        "cooling": u.cooling,
+        "free": u.free,
+    }
+
+
+def _subnets(channel: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
+    from ipamd.api.v1 import ipam_pb2, ipam_pb2_grpc
+
+    r = ipam_pb2_grpc.AdminStub(channel).ListSubnets(
+        ipam_pb2.ListSubnetsRequest(node=args.node), timeout=60
+    )
+    return [_usage_dict(u) for u in r.subnets]
+
+
+def render_subnets(subnets: list[dict[str, Any]], *, reserved: bool = False) -> str:
+    headers = ["SUBNET", "NODE", "PUBLIC IP", "SINCE", "USED", "FREE", "COOLING"]
+    if reserved:
+        headers.append("RESERVED")
+    rows = []
+    for s in subnets:
+        row = [
+            s["subnet"],
+            s["node"],
+            s["publicIP"] or "-",
+            when(s["since"]),
+            str(s["allocated"]),
+            str(s["free"]),
+            str(s["cooling"]),
+        ]
+        rows.append([*row, str(s["reserved"])] if reserved else row)
+    return table(headers, rows)
+
+
+def _utilization(channel: Any, args: argparse.Namespace) -> dict[str, Any]:
+    from ipamd.api.v1 import ipam_pb2, ipam_pb2_grpc
+
+    r = ipam_pb2_grpc.AdminStub(channel).Utilization(ipam_pb2.UtilizationRequest(), timeout=60)
+    return {
+        "config": _config_dict(r.config),
+        "subnetsLeased": r.subnets_leased,
+        "subnetsFree": r.subnets_free,
+        "addressesAllocated": r.addresses_allocated,
+        "cooldownSeconds": r.cooldown_seconds,
+        "subnets": [_usage_dict(u) for u in r.subnets],
+    }
+
+
+def render_utilization(data: dict[str, Any]) -> str:
+    c = data["config"]
+    head = (
+        f"network {c['network']} /{c['subnetLen']}: subnets leased {data['subnetsLeased']}, "
+        f"free {data['subnetsFree']}; addresses allocated {data['addressesAllocated']}"
+    )
+    return f"{head}\n\n{render_subnets(data['subnets'], reserved=True)}"
+
+
+# ---- Admin: allocations ----------------------------------------------------------------------
+def _ips(channel: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
+    from ipamd.api.v1 import ipam_pb2, ipam_pb2_grpc
+
+    request = ipam_pb2.ListAllocationsRequest(
+        node=args.node, pod_namespace=args.namespace, pod_name=args.pod
+    )
+    pages = ipam_pb2_grpc.AdminStub(channel).ListAllocations(request, timeout=300)
+    return [_allocation_dict(a) for page in pages for a in page.allocations]
+
+
+def _allocation_dict(a: Any) -> dict[str, Any]:
+    o = a.owner
+    return {
+        "ip": a.ip.partition("/")[0],
+        "subnet": a.subnet,
+        "node": a.node,
+        "pod": f"{o.pod_namespace}/{o.pod_name}" if o.pod_name else "",
+        "podUID": o.pod_uid,
+        "handle": f"{o.network}/{o.container_id}/{o.ifname}",
+        "network": o.network,
+        "containerID": o.container_id,
+        "ifname": o.ifname,
+        "since": a.since,
+        "netns": a.netns,
+        "hostVeth": a.host_veth,
+    }
+
+
+def render_ips(allocs: list[dict[str, Any]]) -> str:
+    return table(
+        ["IP", "NODE", "POD", "HANDLE", "SINCE"],
+        [[a["ip"], a["node"], a["pod"] or "-", a["handle"], when(a["since"])] for a in allocs],
+    )
+
+
+def parse_handle(text: str) -> tuple[str, str, str]:
+    parts = text.split("/")
+    if len(parts) != 3 or not all(parts):
+        raise CliError(f"--handle {text!r} must be NETWORK/CONTAINER-ID/IFNAME")
+    return parts[0], parts[1], parts[2]
+
+
+def _release(channel: Any, args: argparse.Namespace) -> dict[str, Any]:
+    from ipamd.api.v1 import ipam_pb2, ipam_pb2_grpc
+
+    if args.handle:
+        network, cid, ifname = parse_handle(args.handle)
+        request = ipam_pb2.AdminReleaseRequest(
+            handle=ipam_pb2.Handle(network=network, container_id=cid, ifname=ifname)
+        )
+    else:
+        request = ipam_pb2.AdminReleaseRequest(ip=args.ip)
+    r = ipam_pb2_grpc.AdminStub(channel).Release(request, timeout=30)
+    return {"released": _allocation_dict(r.allocation)}
+
+
+def render_release(data: dict[str, Any]) -> str:
+    a = data["released"]
+    pod = f"pod {a['pod']}, " if a["pod"] else ""
+    return f"released {a['ip']} ({pod}handle {a['handle']}, node {a['node']})"
+
+
+# ---- Admin: nodes ----------------------------------------------------------------------------
+def _node_remove(channel: Any, args: argparse.Namespace) -> dict[str, Any]:
+    from ipamd.api.v1 import ipam_pb2, ipam_pb2_grpc
+
+    r = ipam_pb2_grpc.AdminStub(channel).NodeRemove(
+        ipam_pb2.NodeRemoveRequest(node=args.name), timeout=300
+    )
+    return {
+        "node": args.name,
+        "subnets": list(r.subnets),
+        "ipsFreed": r.ips_freed,
+        "releasedCleared": r.released_cleared,
+    }
+
+
+def render_node_remove(data: dict[str, Any]) -> str:
+    return (
+        f"removed node {data['node']}: subnets {', '.join(data['subnets'])}; "
+        f"{data['ipsFreed']} IPs freed, {data['releasedCleared']} cooldown records cleared"
+    )
+
+
+def _status_command(channel: Any, args: argparse.Namespace) -> dict[str, Any]:
+    from ipamd.api.v1 import ipam_pb2_grpc
+
+    return _status(ipam_pb2_grpc.IpamStub(channel))
+
+
+# ---- the command line ------------------------------------------------------------------------
+Runner = Callable[[Any, argparse.Namespace], Any]
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moorctl", description="moor admin CLI")
     parser.add_argument("--socket", default=DEFAULT_SOCKET, help="moor-ipamd gRPC socket")
+    out = argparse.ArgumentParser(add_help=False)
+    out.add_argument("--json", action="store_true", help="machine-readable output")
     sub = parser.add_subparsers(dest="command", required=True)
-    status = sub.add_parser("status", help="the node's subnets, address counts and allocations")
-    status.add_argument("--json", action="store_true", help="machine-readable output")
-    args = parser.parse_args(argv)
+
+    def command(
+        parent: Any, name: str, run: Runner, render: Callable[[Any], str], summary: str
+    ) -> argparse.ArgumentParser:
+        p = parent.add_parser(name, parents=[out], help=summary, description=summary)
+        p.set_defaults(run=run, render=render)
+        return p
+
+    command(sub, "status", _status_command, render_status, "this node: subnets and allocations")
+    p = command(sub, "subnets", _subnets, render_subnets, "node subnet leases and their use")
+    p.add_argument("--node", default="", help="only this node's subnets")
+    command(sub, "utilization", _utilization, render_utilization, "cluster-wide subnet and IP use")
+    p = command(sub, "ips", _ips, render_ips, "pod IP allocations of the cluster")
+    p.add_argument("--node", default="", help="only allocations in this node's subnets")
+    p.add_argument("--namespace", default="", help="only pods of this namespace")
+    p.add_argument("--pod", default="", help="only pods of this name")
+    p = command(sub, "release", _release, render_release, "free an IP (owner-checked)")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--ip", help="the IP to free")
+    target.add_argument("--handle", help="NETWORK/CONTAINER-ID/IFNAME of the attachment")
+
+    node = sub.add_parser("node", help="node operations").add_subparsers(
+        dest="node_command", required=True
+    )
+    p = command(node, "remove", _node_remove, render_node_remove, "free a gone node's subnets")
+    p.add_argument("name", help="node name")
+
+    network = sub.add_parser("network", help="the cluster network config").add_subparsers(
+        dest="network_command", required=True
+    )
+    command(network, "show", _network_show, render_config, "print the network config")
+    p = command(network, "init", _network_init, render_network_init, "write the network config")
+    p.add_argument("--network", required=True, help="cluster pod network, e.g. 10.244.0.0/16")
+    p.add_argument("--subnet-len", type=int, default=24, help="node subnet prefix length")
+    p.add_argument("--subnet-min", default="", help="lowest subnet nodes may lease")
+    p.add_argument("--subnet-max", default="", help="highest subnet nodes may lease")
+    p.add_argument(
+        "--fixed-range",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="never leased to nodes (kept for fixed pod IPs); repeatable",
+    )
+    p.add_argument("--backend", choices=["host-gw", "vxlan"], default="host-gw")
+    return parser
+
+
+def error_line(exc: Any, socket: str) -> str:
+    """One sentence for a failed RPC: the daemon's own message, or why it could not be asked."""
+    import grpc
+
+    code, details = exc.code(), exc.details() or ""
+    if code == grpc.StatusCode.UNAVAILABLE and (
+        "failed to connect" in details or "Connection refused" in details
+    ):
+        return f"cannot reach moor-ipamd at {socket}: is it running?"
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return f"moor-ipamd at {socket} did not answer in time"
+    if code == grpc.StatusCode.UNIMPLEMENTED:
+        return f"moor-ipamd at {socket} does not serve this call (an older version?)"
+    return details or code.name
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     import grpc
 
-    from ipamd.api.v1 import ipam_pb2_grpc
-
     try:
         with grpc.insecure_channel(f"unix:{args.socket}") as channel:
-            data = _status(ipam_pb2_grpc.IpamStub(channel))
+            data = args.run(channel, args)
     except grpc.RpcError as exc:
-        detail = exc.details() if hasattr(exc, "details") else str(exc)  # type: ignore[attr-defined]
-        print(f"moorctl: cannot reach moor-ipamd at {args.socket}: {detail}", file=sys.stderr)
+        print(f"moorctl: {error_line(exc, args.socket)}", file=sys.stderr)
         return 1
-    print(json.dumps(data, indent=2) if args.json else render_status(data))
+    except CliError as exc:
+        print(f"moorctl: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(data, indent=2) if args.json else args.render(data))
     return 0
 
 

@@ -9,11 +9,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import ipaddress
+import os
 import socket
 from dataclasses import dataclass
 from typing import Any
 
 import yaml
+
+from ipamd.model import NetworkConfig
 
 
 @dataclass
@@ -34,31 +37,83 @@ class DaemonConfig:
     masq_chain: str = "MOOR-MASQ"
     workers: int = 16
     log_level: str = "info"
+    metrics_addr: str = "127.0.0.1:9617"
+    public_ip: str = ""
+    iface: str = ""
+    etcd_cafile: str = ""
+    etcd_certfile: str = ""
+    etcd_keyfile: str = ""
+    request_deadline: float = 5.0
+    store_grace: float = 30.0
     enable_fault_injection: bool = False
 
     def validate(self) -> None:
-        try:
-            net = ipaddress.ip_network(self.network)
-        except ValueError as exc:
-            raise ValueError(f"--network {self.network!r} is not a CIDR network: {exc}") from exc
-        if net.version != 4:
-            raise ValueError(f"--network {self.network}: IPv6 pod networks are not supported yet")
-        if not net.prefixlen < self.subnet_len <= 30:
-            raise ValueError(
-                f"--subnet-len {self.subnet_len} must be longer than the network's /{net.prefixlen} "
-                "and at most /30"
-            )
+        self.network_config()
+        if self.public_ip:
+            try:
+                ipaddress.IPv4Address(self.public_ip)
+            except ValueError as exc:
+                raise ValueError(f"--public-ip {self.public_ip!r}: {exc}") from exc
         if self.cooldown < 0 or self.leak_gc_grace < 0 or self.lease_ttl <= 0:
             raise ValueError("cooldown and leak-gc-grace must be >= 0, lease-ttl > 0")
         if self.workers < 1:
             raise ValueError("--workers must be at least 1")
+        if self.request_deadline <= 0 or self.store_grace < 0:
+            raise ValueError("--request-deadline must be > 0 and --store-grace >= 0")
+        if bool(self.etcd_certfile) != bool(self.etcd_keyfile):
+            raise ValueError("--etcd-certfile and --etcd-keyfile go together (mTLS)")
+        for name in ("etcd_cafile", "etcd_certfile", "etcd_keyfile"):
+            path = getattr(self, name)
+            if path and not os.access(path, os.R_OK):
+                raise ValueError(f"--{name.replace('_', '-')} {path}: not a readable file")
+        if not isinstance(self.metrics_addr, str):
+            raise ValueError(f"--metrics-addr {self.metrics_addr!r} must be a HOST:PORT string")
+        if self.metrics_addr:
+            split_host_port(self.metrics_addr, "--metrics-addr")
+
+    def store_options(self) -> dict[str, Any]:
+        """Backend options: one store request may take a third of the request deadline, so a
+        CNI call that meets an unreachable store still answers "try again later" in time."""
+        if not self.store.lower().startswith("etcd://"):
+            return {}
+        return {
+            "timeout": self.request_deadline / 3,
+            "ca_file": self.etcd_cafile or None,
+            "cert_file": self.etcd_certfile or None,
+            "key_file": self.etcd_keyfile or None,
+        }
+
+    def network_config(self) -> NetworkConfig | None:
+        """The network from `--network`/`--subnet-len`; None when `--network ""` (use the store's)."""
+        if not self.network:
+            return None
+        return NetworkConfig.parse(self.network, self.subnet_len)
+
+
+def split_host_port(addr: str, what: str = "address") -> tuple[str, int]:
+    """`HOST:PORT` or `[IPV6]:PORT` as (host, port); ValueError naming `what` otherwise."""
+    problem = f"{what} {addr!r} must be HOST:PORT, e.g. 127.0.0.1:9617 or [::1]:9617"
+    host, sep, port = addr.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError as exc:
+            raise ValueError(f"{problem}: {host!r} is not an IPv6 address") from exc
+    elif ":" in host:
+        raise ValueError(f"{problem}: an IPv6 host needs [brackets]")
+    if not sep or not host or any(c.isspace() or c in "/[]" for c in host):
+        raise ValueError(problem)
+    if not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError(f"{problem}: the port must be 1-65535")
+    return host, int(port)
 
 
 HELP = {
     "node_name": "node name the subnet leases are keyed by (default: hostname)",
-    "store": "sqlite:///PATH (embedded, default) or etcd://HOST:PORT[,HOST:PORT] (next release)",
+    "store": "sqlite:///PATH (embedded, default) or etcd://HOST:PORT[,HOST:PORT]",
     "key_prefix": "prefix of every store key",
-    "network": "cluster pod network, split into per-node subnets",
+    "network": 'cluster pod network, split into per-node subnets; "" takes it from the store',
     "subnet_len": "prefix length of each node subnet",
     "cni_socket": "unix socket bin/moor forwards CNI calls to (netconf daemonSocket)",
     "grpc_socket": "unix socket of the gRPC IPAM API (moorctl --socket)",
@@ -71,6 +126,14 @@ HELP = {
     "masq_chain": "iptables nat chain for the node's masquerade rules",
     "workers": "threads serving CNI requests",
     "log_level": "debug, info, warning or error",
+    "metrics_addr": "HOST:PORT of the Prometheus /metrics endpoint; empty disables it",
+    "public_ip": "this node's IPv4 address other nodes route pod traffic to (in its subnet lease)",
+    "iface": "take --public-ip from this interface's first IPv4 address",
+    "etcd_cafile": "CA bundle that signed etcd's server certificate (turns TLS on)",
+    "etcd_certfile": "client certificate for etcd mTLS",
+    "etcd_keyfile": "client key for etcd mTLS",
+    "request_deadline": "seconds a CNI request may spend on the store before answering code 11",
+    "store_grace": "seconds the store may be unreachable before STATUS/health say not ready",
     "enable_fault_injection": argparse.SUPPRESS,  # tests only: container IDs 'fault-<point>-...'
 }
 

@@ -6,13 +6,16 @@ and only then do the sockets open, so no ADD can race a DEL the daemon missed wh
 
 from __future__ import annotations
 
-import ipaddress
+import fcntl
 import logging
 import os
 import signal
+import socket
+import struct
 import threading
 import time
 from types import FrameType
+from typing import Any, NoReturn
 
 from cni_plugin import skel
 from cni_plugin.datapath.inventory import host_link_names
@@ -21,27 +24,96 @@ from cni_plugin.errors import CNIError
 from cni_plugin.plugin import MoorPlugin
 from cni_plugin.skel import Reply, Request
 from cni_plugin.wire import WireRequest
-from ipamd.allocator import NodeAllocator
+from ipamd.admin import AdminServicer
+from ipamd.allocator import NodeAllocator, PoolStatus
 from ipamd.cni_server import CniEndpoint
 from ipamd.config import DaemonConfig
+from ipamd.errors import NoLease
+from ipamd.journal import ReleaseJournal
 from ipamd.leakgc import LeakCollector
 from ipamd.leases import SubnetLeaseManager
-from ipamd.model import NetworkConfig
+from ipamd.metrics import Metrics
+from ipamd.model import Allocation, NetworkConfig
 from ipamd.node import NodeIpam
+from ipamd.ops import NO_NETWORK, ClusterOps
 from ipamd.server import GrpcServer
 from ipamd.service import IpamServicer
 from ipamd.spool import replay_spool
 from ipamd.store.keys import Keys
 from ipamd.store.open import open_store
+from ipamd.sync import StoreFollower
 
 log = logging.getLogger(__name__)
 TIMER_TICK = 5.0
+AWAIT_TICK = 1.0  # how often a daemon without a network config looks for one
+SIOCGIFADDR = 0x8915
+JOURNAL_RETRY = 1.0
 
 
 def fault_hook(point: str, req: Request) -> None:
     """Test-only: fail a request whose container ID is `fault-<point>-...` at that point."""
     if req.container_id.startswith(f"fault-{point}-"):
         raise CNIError(999, f"injected fault at {point}")
+
+
+def interface_ipv4(iface: str) -> str:
+    """The first IPv4 address of `iface` (its primary one, as SIOCGIFADDR reports it)."""
+    request = struct.pack("256s", iface.encode()[:15])
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            reply = fcntl.ioctl(s.fileno(), SIOCGIFADDR, request)
+        except OSError as exc:
+            raise ValueError(f"--iface {iface}: no IPv4 address ({exc.strerror})") from exc
+    return socket.inet_ntoa(reply[20:24])
+
+
+class AwaitingNetwork:
+    """Stands in for NodeIpam while the store holds no network config (`--network ""`).
+
+    ADD answers 11 and STATUS 50, both saying what to do. Nothing can be allocated without a
+    network, so a DEL has nothing to release.
+    """
+
+    journal = None
+    network = ""
+
+    def __init__(self, node: str) -> None:
+        self.node = node
+
+    def not_ready_reason(self) -> str:
+        return NO_NETWORK
+
+    def allocate(self, *args: object, **kw: object) -> NoReturn:
+        raise NoLease(NO_NETWORK)
+
+    def release(self, *args: object) -> None:
+        return None
+
+    def release_if_unchanged(self, alloc: object) -> bool:
+        return False
+
+    def lookup(self, *args: object) -> None:
+        return None
+
+    def allocations(self, network: str | None = None) -> list[Allocation]:
+        return []
+
+    def pools(self) -> list[PoolStatus]:
+        return []
+
+    def replay_journal(self) -> int:
+        return 0
+
+
+class IpamSwitch:
+    """What the CNI plugin and the gRPC services hold when the daemon started awaiting its
+    network config: AwaitingNetwork first, then the node's NodeIpam (one attribute swap)."""
+
+    def __init__(self, target: AwaitingNetwork | NodeIpam) -> None:
+        self.target = target
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.target, name)
 
 
 class Daemon:
@@ -52,26 +124,20 @@ class Daemon:
 
     def start(self) -> None:
         cfg = self.cfg
-        self.store = open_store(cfg.store)
-        keys = Keys(cfg.key_prefix)
-        netcfg = NetworkConfig(ipaddress.ip_network(cfg.network), cfg.subnet_len)
-        self.leases = SubnetLeaseManager(
+        self.metrics = Metrics()
+        if cfg.metrics_addr:
+            self.metrics.serve(cfg.metrics_addr)  # first: a taken port fails before any lease
+        self.store = self.metrics.count_store_errors(open_store(cfg.store, **cfg.store_options()))
+        self.keys = Keys(cfg.key_prefix)
+        self.public_ip = cfg.public_ip or (interface_ipv4(cfg.iface) if cfg.iface else "")
+        self.ops = ClusterOps(
             self.store,
-            keys,
-            cfg.node_name,
-            netcfg,
-            ttl=cfg.lease_ttl,
-            state_file=os.path.join(cfg.state_dir, f"lease-{cfg.node_name}.json"),
+            self.keys,
+            node=cfg.node_name,
+            cooldown=cfg.cooldown,
+            local=lambda: getattr(self, "allocator", None),
         )
-        self.leases.ensure_network_config()
-        subnets = self.leases.acquire()
-        log.info("node %s serves pod IPs from %s", cfg.node_name, ", ".join(map(str, subnets)))
-        self.leases.start_renewal()
-        allocator = NodeAllocator(
-            self.store, keys, cfg.node_name, self.leases, cooldown=cfg.cooldown
-        )
-        allocator.load()
-        self.ipam = NodeIpam(self.store, cfg.node_name, self.leases, allocator)
+        self.ipam = self._initial_ipam()
         self.plugin = MoorPlugin(
             self.ipam,
             MasqueradeRules(cfg.masq_chain),
@@ -86,11 +152,72 @@ class Daemon:
         replay_spool(cfg.spool_dir, lambda req: self.handle(req, None))
         self.endpoint = CniEndpoint(cfg.cni_socket, self.handle, workers=cfg.workers)
         self.endpoint.start()
-        self.grpc = GrpcServer(cfg.grpc_socket, IpamServicer(self.ipam, cfg.cooldown))
+        self.grpc = GrpcServer(
+            cfg.grpc_socket, IpamServicer(self.ipam, cfg.cooldown), AdminServicer(self.ops)
+        )
         self.grpc.start()
         self.grpc.set_serving(self.ipam.not_ready_reason() is None)
         self._spawn("timers", self._timers)
+        self._spawn("release-journal", self._replay_journal)
         log.info("moor-ipamd ready: CNI on %s, gRPC on %s", cfg.cni_socket, cfg.grpc_socket)
+
+    def _initial_ipam(self) -> NodeIpam | IpamSwitch:
+        """The node's IPAM; or, with `--network ""` and no config in the store yet, a stand-in
+        answering "not ready" until `moorctl network init` writes one (the timers adopt it)."""
+        netcfg = self.cfg.network_config() or self.ops.network()
+        if netcfg is not None:
+            return self._node_ipam(netcfg)
+        log.warning("%s; waiting for it", NO_NETWORK)
+        return IpamSwitch(AwaitingNetwork(self.cfg.node_name))
+
+    def _node_ipam(self, netcfg: NetworkConfig) -> NodeIpam:
+        """Write or check the network config, lease this node's subnets, load its allocations."""
+        cfg = self.cfg
+        self.leases = SubnetLeaseManager(
+            self.store,
+            self.keys,
+            cfg.node_name,
+            netcfg,
+            ttl=cfg.lease_ttl,
+            state_file=os.path.join(cfg.state_dir, f"lease-{cfg.node_name}.json"),
+            public_ip=self.public_ip,
+        )
+        self.leases.ensure_network_config()
+        subnets = self.leases.acquire()
+        log.info("node %s serves pod IPs from %s", cfg.node_name, ", ".join(map(str, subnets)))
+        self.leases.start_renewal()
+        allocator = NodeAllocator(
+            self.store, self.keys, cfg.node_name, self.leases, cooldown=cfg.cooldown
+        )
+        revision = self.store.revision()  # changes after it reach the allocator by the follower
+        allocator.load()
+        self.allocator = allocator
+        follower = StoreFollower(self.store, self.keys, self.leases, allocator, self._stop)
+        self._spawn("store-follower", lambda: follower.run(revision + 1))
+        ipam = NodeIpam(
+            self.store,
+            cfg.node_name,
+            self.leases,
+            allocator,
+            self.metrics,
+            journal=ReleaseJournal(os.path.join(cfg.state_dir, f"releases-{cfg.node_name}.jsonl")),
+            store_grace=cfg.store_grace,
+        )
+        ipam.replay_journal()
+        self.metrics.track(ipam)
+        return ipam
+
+    @property
+    def awaiting_network(self) -> bool:
+        return isinstance(self.ipam, IpamSwitch) and isinstance(self.ipam.target, AwaitingNetwork)
+
+    def _adopt_network(self) -> None:
+        """While awaiting: once the store holds a network config, lease a subnet and serve."""
+        netcfg = self.ops.network()
+        if netcfg is not None:
+            assert isinstance(self.ipam, IpamSwitch)
+            self.ipam.target = self._node_ipam(netcfg)
+            log.info("network config found: node %s is ready", self.cfg.node_name)
 
     def handle(self, request: WireRequest, netns_fd: int | None) -> Reply:
         started = time.perf_counter()
@@ -102,6 +229,9 @@ class Daemon:
             request.env.get("CNI_IFNAME", ""),
             reply.code,
             (time.perf_counter() - started) * 1000,
+        )
+        self.metrics.observe_cni(
+            request.env.get("CNI_COMMAND", ""), reply, time.perf_counter() - started
         )
         if reply.code != 0:
             log.info(
@@ -120,8 +250,12 @@ class Daemon:
 
     def _timers(self) -> None:
         next_gc = time.monotonic() + self.cfg.leak_gc_interval
-        while not self._stop.wait(min(TIMER_TICK, self.cfg.leak_gc_interval)):
+        while not self._stop.wait(
+            AWAIT_TICK if self.awaiting_network else min(TIMER_TICK, self.cfg.leak_gc_interval)
+        ):
             try:
+                if self.awaiting_network:
+                    self._adopt_network()
                 self.grpc.set_serving(self.ipam.not_ready_reason() is None)
                 self.plugin.maintain()
                 if time.monotonic() >= next_gc:
@@ -130,9 +264,18 @@ class Daemon:
             except Exception:
                 log.exception("timer round failed")
 
+    def _replay_journal(self) -> None:
+        """Apply DELs journaled while the store was away, soon after it returns."""
+        while not self._stop.wait(JOURNAL_RETRY):
+            if self.ipam.journal is not None and len(self.ipam.journal):
+                try:
+                    self.ipam.replay_journal()
+                except Exception:
+                    log.exception("replaying the release journal failed")
+
     def stop(self) -> None:
         self._stop.set()
-        for part in ("endpoint", "grpc"):
+        for part in ("endpoint", "grpc", "metrics"):
             obj = getattr(self, part, None)
             if obj is not None:
                 obj.stop()

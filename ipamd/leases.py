@@ -19,11 +19,12 @@ from collections.abc import Callable, Iterator
 
 from ipamd.errors import ConfigMismatch, NetworkExhausted
 from ipamd.model import IPNetwork, NetworkConfig, SubnetLease
-from ipamd.store.base import LeaseNotFound, Store, StoreError
+from ipamd.store.base import KeyValue, LeaseNotFound, Store, StoreError
 from ipamd.store.keys import Keys
 
 log = logging.getLogger(__name__)
 CLAIM_RETRIES = 8
+RENEW_RETRY = 5.0  # seconds between renewal attempts while the store does not answer
 
 
 class SubnetLeaseManager:
@@ -37,23 +38,30 @@ class SubnetLeaseManager:
         ttl: float = 24 * 3600,
         state_file: str = "",
         clock: Callable[[], float] = time.time,
+        public_ip: str = "",
     ) -> None:
         self.store = store
         self.keys = keys
         self.node = node
         self.config = config
+        self.public_ip = public_ip  # published in the lease for the routing of other nodes
         self.ttl = ttl
         self.state_file = state_file
         self.clock = clock
         self._lease_id = 0
         self._subnets: list[IPNetwork] = []
+        self._lost: list[IPNetwork] = []  # held until the store lease expired; to re-claim
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
 
     # ---- network config -------------------------------------------------------------------
     def ensure_network_config(self) -> None:
-        """Write the cluster network config if absent; refuse to run against a different one."""
+        """Write the cluster network config if absent; refuse to run against a different one.
+
+        Flags only say network and subnet length; the rest of a stored config (subnet min/max,
+        fixed ranges, backend, from `moorctl network init`) is adopted.
+        """
         key = self.keys.config()
         if self.store.create(key, self.config.to_json()):
             return
@@ -61,11 +69,12 @@ class SubnetLeaseManager:
         if current is None:
             raise ConfigMismatch("network config vanished while it was being written; retry")
         stored = NetworkConfig.from_json(current.value)
-        if stored != self.config:
+        if (stored.network, stored.subnet_len) != (self.config.network, self.config.subnet_len):
             raise ConfigMismatch(
                 f"the store holds network {stored.network} /{stored.subnet_len} but this daemon "
                 f"was started with {self.config.network} /{self.config.subnet_len}"
             )
+        self.config = stored
 
     # ---- acquisition ----------------------------------------------------------------------
     @property
@@ -88,6 +97,7 @@ class SubnetLeaseManager:
             if SubnetLease.from_json(subnet, kv.value).node == self.node:
                 own.append(subnet)
                 self._lease_id = self._lease_id or kv.lease
+                self._republish(subnet, kv)
         if own:
             self._ensure_store_lease()
             with self._lock:
@@ -100,13 +110,28 @@ class SubnetLeaseManager:
     def acquire_additional(self) -> IPNetwork:
         """Claim one more free subnet; NetworkExhausted when the cluster network is full."""
         self._ensure_store_lease()
+        try:
+            return self._claim_free()
+        except NetworkExhausted:
+            if not self.has_lease():  # a node that holds nothing must not leave a lease behind
+                self._revoke_store_lease()
+            raise
+
+    def _revoke_store_lease(self) -> None:
+        lease_id, self._lease_id = self._lease_id, 0
+        try:
+            self.store.revoke_lease(lease_id)
+        except (LeaseNotFound, StoreError) as exc:
+            log.debug("revoking unused store lease %x: %s", lease_id, exc)
+
+    def _claim_free(self) -> IPNetwork:
         for _ in range(CLAIM_RETRIES):
             taken = {
                 self.keys.parse_subnet(kv.key)
                 for kv in self.store.list_prefix(self.keys.subnets_prefix())[0]
             }
             for subnet in self._candidates(taken):
-                lease = SubnetLease(subnet, self.node, self.clock())
+                lease = self._lease_record(subnet)
                 if self.store.create(
                     self.keys.subnet(subnet), lease.to_json(), lease=self._lease_id
                 ):
@@ -125,12 +150,33 @@ class SubnetLeaseManager:
         )
 
     def _candidates(self, taken: set[IPNetwork | None]) -> Iterator[IPNetwork]:
+        """Free leaseable subnets (inside subnet min/max, off fixed ranges), the previous first."""
         previous = self._previous()
-        if previous is not None and previous not in taken:
+        if previous is not None and previous not in taken and self.config.leaseable(previous):
             yield previous
-        for subnet in self.config.network.subnets(new_prefix=self.config.subnet_len):
+        for subnet in self.config.leaseable_subnets():
             if subnet not in taken and subnet != previous:
                 yield subnet
+
+    def _lease_record(self, subnet: IPNetwork) -> SubnetLease:
+        return SubnetLease(
+            subnet, self.node, self.clock(), self.public_ip, self.config.backend_data()
+        )
+
+    def _republish(self, subnet: IPNetwork, kv: KeyValue) -> None:
+        """Update a held lease whose public IP or backend changed (the key stays the node's)."""
+        held = SubnetLease.from_json(subnet, kv.value)
+        fresh = self._lease_record(subnet)
+        if (held.public_ip, held.backend) == (fresh.public_ip, fresh.backend):
+            return
+        moved = SubnetLease(subnet, self.node, held.since, fresh.public_ip, fresh.backend)
+        try:
+            if self.store.compare_and_swap(
+                kv.key, moved.to_json(), kv.mod_revision, lease=kv.lease
+            ):
+                log.info("lease %s now publishes %s %s", subnet, moved.public_ip, moved.backend)
+        except LeaseNotFound:
+            pass  # it expired meanwhile: _ensure_store_lease and renewal take it from here
 
     def _ensure_store_lease(self) -> None:
         if self._lease_id:
@@ -163,32 +209,75 @@ class SubnetLeaseManager:
 
     # ---- renewal ----------------------------------------------------------------------------
     def renew_once(self) -> bool:
-        """Refresh the store lease; on loss, re-claim this node's subnets. False if none is held."""
+        """Refresh the store lease; if it expired, re-claim this node's subnets.
+
+        Returns whether the store answered, which sets when to try next. A subnet another node
+        took while our lease was gone is dropped (the allocator stops using it at once).
+        """
+        if not self._lost:
+            try:
+                self.store.refresh_lease(self._lease_id)
+                return True
+            except LeaseNotFound:
+                log.error("subnet lease of node %s expired; re-acquiring", self.node)
+                with self._lock:
+                    self._lost += [s for s in self._subnets if s not in self._lost]
+                    self._subnets = []
+            except StoreError as exc:
+                log.warning("lease renewal failed: %s", exc)
+                return False
         try:
-            self.store.refresh_lease(self._lease_id)
-            return True
-        except LeaseNotFound:
-            log.error("subnet lease of node %s expired; re-acquiring", self.node)
+            self._reclaim()
         except StoreError as exc:
-            log.warning("lease renewal failed: %s", exc)
-            return self.has_lease()
-        with self._lock:
-            lost = list(self._subnets)
-            self._subnets = []
+            log.warning("re-claiming subnets failed, will retry: %s", exc)
+            return False
+        return True
+
+    def _reclaim(self) -> None:
         self._lease_id = self.store.grant_lease(self.ttl)
-        for subnet in lost:
-            lease = SubnetLease(subnet, self.node, self.clock())
+        for subnet in list(self._lost):
+            lease = self._lease_record(subnet)
             if self.store.create(self.keys.subnet(subnet), lease.to_json(), lease=self._lease_id):
                 with self._lock:
                     self._subnets.append(subnet)
+                log.info("node %s re-claimed subnet %s", self.node, subnet)
             else:
                 log.error("subnet %s was taken by another node while our lease was lost", subnet)
-        return self.has_lease()
+            self._lost.remove(subnet)
+
+    def observe_deleted(self, subnet: IPNetwork) -> None:
+        """A subnet key of ours vanished. With our store lease gone it expired: renewal re-claims
+        it. With the lease alive someone removed it (`moorctl node remove`): stop using it; with
+        no subnet left the node is not ready until it restarts and leases afresh."""
+        with self._lock:
+            if subnet not in self._subnets:
+                return
+            self._subnets.remove(subnet)
+        try:
+            expired = self.store.lease_ttl_remaining(self._lease_id) is None
+        except StoreError:
+            expired = True  # cannot tell: treat it as expiry, renewal sorts it out
+        if expired:
+            with self._lock:
+                self._lost.append(subnet)
+            log.error(
+                "subnet %s of node %s expired; re-claiming at the next renewal", subnet, self.node
+            )
+        else:
+            log.error(
+                "subnet %s was removed from node %s by an admin; no longer used", subnet, self.node
+            )
+
+    def renewal_delay(self, answered: bool) -> float:
+        """A third of the TTL after a renewal, so two may fail before expiry; soon after a miss."""
+        interval = max(1.0, self.ttl / 3)
+        return interval if answered else min(interval, RENEW_RETRY)
 
     def start_renewal(self) -> None:
         def loop() -> None:
-            while not self._stop.wait(max(1.0, self.ttl / 3)):
-                self.renew_once()
+            delay = self.renewal_delay(True)
+            while not self._stop.wait(delay):
+                delay = self.renewal_delay(self.renew_once())
 
         self._renewer = threading.Thread(target=loop, name="lease-renewal", daemon=True)
         self._renewer.start()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -123,15 +124,171 @@ class SubnetLease:
         )
 
 
+BACKENDS = ("host-gw", "vxlan")
+VXLAN_VNI = 1
+
+
 @dataclass(frozen=True)
 class NetworkConfig:
+    """The cluster network (`<prefix>/config`): how it splits into node subnets, and which of them
+    nodes may lease.
+
+    `subnet_min`/`subnet_max` bound the leaseable subnets (flannel's SubnetMin/SubnetMax);
+    `fixed_ranges` are never leased to nodes, they are kept for fixed pod IPs. Construction
+    validates (`validate`), so the daemon's flags, the Admin RPC and the JSON in the store all
+    go through the same checks.
+    """
+
     network: IPNetwork
     subnet_len: int
+    subnet_min: IPNetwork | None = None
+    subnet_max: IPNetwork | None = None
+    fixed_ranges: tuple[IPNetwork, ...] = ()
+    backend: str = "host-gw"
 
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @classmethod
+    def parse(
+        cls,
+        network: str,
+        subnet_len: int,
+        *,
+        subnet_min: str = "",
+        subnet_max: str = "",
+        fixed_ranges: Iterable[str] = (),
+        backend: str = "host-gw",
+    ) -> NetworkConfig:
+        """Build from text (flags, RPC fields); ValueError with one clear sentence otherwise."""
+        return cls(
+            _cidr(network, "--network"),
+            subnet_len,
+            _cidr(subnet_min, "--subnet-min") if subnet_min else None,
+            _cidr(subnet_max, "--subnet-max") if subnet_max else None,
+            tuple(_cidr(r, "--fixed-range") for r in fixed_ranges),
+            backend or "host-gw",
+        )
+
+    def validate(self) -> None:
+        net = self.network
+        if net.version != 4:
+            raise ValueError(f"--network {net}: IPv6 pod networks are not supported yet")
+        if not isinstance(self.subnet_len, int) or not net.prefixlen < self.subnet_len <= 30:
+            raise ValueError(
+                f"--subnet-len {self.subnet_len} must be longer than the network's "
+                f"/{net.prefixlen} and at most /30"
+            )
+        for name, bound in (("--subnet-min", self.subnet_min), ("--subnet-max", self.subnet_max)):
+            if bound is None:
+                continue
+            if bound.version != 4 or bound.prefixlen != self.subnet_len or not bound.subnet_of(net):  # type: ignore[arg-type]
+                raise ValueError(f"{name} {bound} is not a /{self.subnet_len} subnet of {net}")
+        if self.subnet_min is not None and self.subnet_max is not None:
+            if self.subnet_min.network_address > self.subnet_max.network_address:
+                raise ValueError(
+                    f"--subnet-min {self.subnet_min} is above --subnet-max {self.subnet_max}"
+                )
+        for r in self.fixed_ranges:
+            if r.version != 4 or not r.subnet_of(net):  # type: ignore[arg-type]
+                raise ValueError(f"--fixed-range {r} is not inside the network {net}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"--backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
+
+    # ---- which subnets nodes may lease ---------------------------------------------------------
+    def _index_range(self) -> tuple[int, int]:
+        """First and last leaseable subnet as indices (network address >> host bits)."""
+        shift = 32 - self.subnet_len
+        low = self.subnet_min or self.network
+        high_addr = (
+            self.subnet_max.network_address
+            if self.subnet_max is not None
+            else self.network.broadcast_address
+        )
+        return int(low.network_address) >> shift, int(high_addr) >> shift
+
+    def _fixed_indices(self) -> list[tuple[int, int]]:
+        """Subnet index intervals touched by a fixed range, merged and sorted."""
+        shift = 32 - self.subnet_len
+        spans = sorted(
+            (int(r.network_address) >> shift, int(r.broadcast_address) >> shift)
+            for r in self.fixed_ranges
+        )
+        merged: list[tuple[int, int]] = []
+        for lo, hi in spans:
+            if merged and lo <= merged[-1][1] + 1:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
+            else:
+                merged.append((lo, hi))
+        return merged
+
+    def leaseable(self, subnet: IPNetwork) -> bool:
+        """May a node lease `subnet`: a subnet of the network, in [min, max], off fixed ranges."""
+        if subnet.version != 4 or subnet.prefixlen != self.subnet_len:
+            return False
+        if not subnet.subnet_of(self.network):  # type: ignore[arg-type]
+            return False
+        first, last = self._index_range()
+        index = int(subnet.network_address) >> (32 - self.subnet_len)
+        return first <= index <= last and not any(subnet.overlaps(r) for r in self.fixed_ranges)
+
+    def leaseable_subnets(self) -> Iterator[IPNetwork]:
+        """Every leaseable subnet in ascending order, without walking the skipped ones."""
+        first, last = self._index_range()
+        shift = 32 - self.subnet_len
+        index = first
+        for lo, hi in [*self._fixed_indices(), (last + 1, last + 1)]:
+            while index <= min(lo - 1, last):
+                yield ipaddress.IPv4Network((index << shift, self.subnet_len))
+                index += 1
+            index = max(index, hi + 1)
+            if index > last:
+                return
+
+    def leaseable_count(self) -> int:
+        """How many subnets nodes may lease in all (arithmetic: a /8 of /30s has 4M)."""
+        first, last = self._index_range()
+        count = last - first + 1
+        for lo, hi in self._fixed_indices():
+            lo, hi = max(lo, first), min(hi, last)
+            if lo <= hi:
+                count -= hi - lo + 1
+        return max(0, count)
+
+    def backend_data(self) -> dict[str, Any]:
+        """What a node publishes in its lease for the backend (the VTEP MAC comes with vxlan)."""
+        if self.backend == "vxlan":
+            return {"type": "vxlan", "vni": VXLAN_VNI, "vtepMAC": ""}
+        return {"type": self.backend}
+
+    # ---- JSON --------------------------------------------------------------------------------
     def to_json(self) -> bytes:
-        return json.dumps({"network": str(self.network), "subnetLen": self.subnet_len}).encode()
+        d: dict[str, Any] = {"network": str(self.network), "subnetLen": self.subnet_len}
+        if self.subnet_min is not None:
+            d["subnetMin"] = str(self.subnet_min)
+        if self.subnet_max is not None:
+            d["subnetMax"] = str(self.subnet_max)
+        if self.fixed_ranges:
+            d["fixedRanges"] = [str(r) for r in self.fixed_ranges]
+        d["backend"] = self.backend
+        return json.dumps(d).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> NetworkConfig:
+        """Old configs (network and subnetLen only) parse with the defaults."""
         d = json.loads(data)
-        return cls(ipaddress.ip_network(d["network"]), int(d["subnetLen"]))
+        return cls.parse(
+            d["network"],
+            int(d["subnetLen"]),
+            subnet_min=d.get("subnetMin") or "",
+            subnet_max=d.get("subnetMax") or "",
+            fixed_ranges=d.get("fixedRanges") or (),
+            backend=d.get("backend") or "host-gw",
+        )
+
+
+def _cidr(text: str, what: str) -> IPNetwork:
+    try:
+        return ipaddress.ip_network(text)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{what} {text!r} is not a CIDR network: {exc}") from exc

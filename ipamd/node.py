@@ -6,20 +6,47 @@ asks: can this node serve ADD right now?
 
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from typing import TYPE_CHECKING
+
 from ipamd.allocator import NodeAllocator, PoolStatus
+from ipamd.errors import NoLease
+from ipamd.journal import ReleaseJournal
 from ipamd.leases import SubnetLeaseManager
 from ipamd.model import Allocation, IPAddress, IPNetwork, Owner
-from ipamd.store.base import Store, StoreError
+from ipamd.store.base import Store, StoreError, StoreUnavailable
+
+if TYPE_CHECKING:
+    from ipamd.metrics import Metrics
+
+log = logging.getLogger(__name__)
 
 
 class NodeIpam:
     def __init__(
-        self, store: Store, node: str, leases: SubnetLeaseManager, allocator: NodeAllocator
+        self,
+        store: Store,
+        node: str,
+        leases: SubnetLeaseManager,
+        allocator: NodeAllocator,
+        metrics: Metrics | None = None,
+        *,
+        journal: ReleaseJournal | None = None,
+        store_grace: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
         self.node = node
         self.leases = leases
         self.allocator = allocator
+        self.metrics = metrics
+        self.journal = journal
+        self.store_grace = store_grace
+        self.clock = clock
+        self._store_down_since: float | None = None
 
     @property
     def network(self) -> IPNetwork:
@@ -34,12 +61,57 @@ class NodeIpam:
         host_veth: str = "",
         requested: IPAddress | None = None,
     ) -> tuple[Allocation, bool]:
-        return self.allocator.allocate(
-            owner, netns=netns, netns_inode=netns_inode, host_veth=host_veth, requested=requested
-        )
+        timer = self.metrics.time_allocation() if self.metrics is not None else nullcontext()
+        with timer:  # a missing lease counts as an "unavailable" allocation failure
+            if not self.leases.has_lease():
+                raise NoLease(f"node {self.node} holds no subnet lease")
+            if self.journal is not None and owner.handle in self.journal:
+                # The DEL before this ADD comes first (it needs the store, like the ADD does).
+                self.allocator.release(*owner.handle)
+                self.journal.done(owner.handle)
+            return self.allocator.allocate(
+                owner,
+                netns=netns,
+                netns_inode=netns_inode,
+                host_veth=host_veth,
+                requested=requested,
+            )
 
     def release(self, network: str, container_id: str, ifname: str) -> Allocation | None:
-        return self.allocator.release(network, container_id, ifname)
+        """Owner-checked release; while the store is unreachable, journaled and applied later."""
+        handle = (network, container_id, ifname)
+        try:
+            alloc = self.allocator.release(*handle)
+        except StoreUnavailable:
+            if self.journal is None:
+                raise
+            alloc = self.allocator.get(*handle)
+            self.journal.record(handle, str(alloc.ip) if alloc else "")
+            log.warning("store unreachable: release of %s journaled for retry", "/".join(handle))
+            return alloc
+        if self.journal is not None:
+            self.journal.done(handle)
+        return alloc
+
+    def replay_journal(self) -> int:
+        """Apply journaled releases in order; stop at the first that still cannot reach the store.
+
+        Returns how many are left.
+        """
+        if self.journal is None:
+            return 0
+        for entry in self.journal.pending():
+            try:
+                alloc = self.allocator.release(*entry.handle)
+            except StoreUnavailable:
+                break
+            self.journal.done(entry.handle)
+            log.info(
+                "journaled release of %s applied%s",
+                "/".join(entry.handle),
+                f": {alloc.ip} freed" if alloc else " (it held no IP any more)",
+            )
+        return len(self.journal)
 
     def release_if_unchanged(self, alloc: Allocation) -> bool:
         """Release `alloc` only if the store still holds exactly it (GC re-validation)."""
@@ -57,11 +129,21 @@ class NodeIpam:
         return self.allocator.status()
 
     def not_ready_reason(self) -> str | None:
-        """Why ADD cannot be served at all, or None. A full subnet is NOT a reason (see SPEC-NOTES)."""
+        """Why ADD cannot be served at all, or None. A full subnet is NOT a reason (see SPEC-NOTES).
+
+        An unreachable store counts only after `store_grace` seconds, so an etcd leader election
+        does not flap the node to NotReady (ADD still answers "try again later" meanwhile).
+        """
         try:
             self.store.ping()
+            self._store_down_since = None
         except StoreError as exc:
-            return f"IPAM store is unreachable: {exc}"
+            now = self.clock()
+            if self._store_down_since is None:
+                self._store_down_since = now
+            down = now - self._store_down_since
+            if down >= self.store_grace:
+                return f"IPAM store is unreachable (for {down:.0f} s): {exc}"
         if not self.leases.has_lease():
             return f"node {self.node} holds no subnet lease"
         return None

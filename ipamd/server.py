@@ -1,5 +1,8 @@
 """The gRPC server on a root-only unix socket, with the standard health service.
 
+Services: moor.ipam.v1.Ipam (this node's IPAM), moor.ipam.v1.Admin (cluster-wide operations,
+answered also while the node waits for `moorctl network init`) and grpc.health.v1.Health.
+
 Health: SERVING while the node can serve ADD (store reachable and a subnet lease held), else
 NOT_SERVING; a timer in the daemon keeps it current.
 """
@@ -12,6 +15,7 @@ from concurrent import futures
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from ipamd.admin import AdminServicer
 from ipamd.api.v1 import ipam_pb2_grpc
 from ipamd.service import IpamServicer
 
@@ -19,12 +23,20 @@ SERVICE_NAME = "moor.ipam.v1.Ipam"
 
 
 class GrpcServer:
-    def __init__(self, socket_path: str, servicer: IpamServicer, workers: int = 8) -> None:
+    def __init__(
+        self,
+        socket_path: str,
+        servicer: IpamServicer,
+        admin: AdminServicer | None = None,
+        workers: int = 8,
+    ) -> None:
         self.socket_path = socket_path
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc")
         )
         ipam_pb2_grpc.add_IpamServicer_to_server(servicer, self.server)
+        if admin is not None:
+            ipam_pb2_grpc.add_AdminServicer_to_server(admin, self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
 

@@ -189,3 +189,22 @@ def test_bad_prefix(prefix: str) -> None:
 def test_scoped_address_is_not_a_key() -> None:
     with pytest.raises(ValueError):
         K.ip(IPv6Address("fe80::1%eth0"))
+
+
+@given(prefixes, v4_nets, st.integers(min_value=0, max_value=2**32 - 1))
+def test_ips_prefix_for_covers_the_subnet(prefix: str, net: IPv4Network, raw: int) -> None:
+    """Every IP key of the subnet starts with the prefix (keys outside may too: callers filter)."""
+    keys = Keys(prefix)
+    sub_prefix = keys.ips_prefix_for(net)
+    assert sub_prefix.startswith(keys.ips_prefix())
+    inside = net.network_address + raw % net.num_addresses
+    for addr in (net.network_address, net.broadcast_address, inside):
+        assert keys.ip(addr).startswith(sub_prefix)
+
+
+def test_ips_prefix_for_examples() -> None:
+    keys = Keys("/moor")
+    assert keys.ips_prefix_for(ip_network("10.244.3.0/24")) == "/moor/ips/10.244.3."
+    assert keys.ips_prefix_for(ip_network("10.244.0.0/16")) == "/moor/ips/10.244."
+    assert keys.ips_prefix_for(ip_network("10.244.10.0/23")) == "/moor/ips/10.244.1"
+    assert keys.ips_prefix_for(ip_network("fd00::/64")) == "/moor/ips/"

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from ipamd.config import load_config
 from ipamd.store import (
     Compare,
     Delete,
@@ -37,28 +38,13 @@ from ipamd.store import (
 from ipamd.store.etcd import EtcdStore
 from ipamd.store.sqlite import SqliteStore
 from tests.conftest import require
-from tests.helpers.etcd import EtcdServer, free_port
+from tests.helpers.clock import FakeClock
+from tests.helpers.etcd import EtcdServer, free_port, make_tls
 from tests.helpers.etcd import available as etcd_available
 
 BACKENDS = ["sqlite", "etcd"]
 
 LEASE_TTL = 2.0  # seconds; real backends sleep for this, so keep it small
-
-
-class FakeClock:
-    """Wall clock the test moves by hand, so lease expiry is instant and deterministic."""
-
-    def __init__(self) -> None:
-        self.now = 1_700_000_000.0
-        self._lock = threading.Lock()
-
-    def __call__(self) -> float:
-        with self._lock:
-            return self.now
-
-    def advance(self, seconds: float) -> None:
-        with self._lock:
-            self.now += seconds
 
 
 @dataclass
@@ -689,7 +675,8 @@ import sys
 from ipamd.store.etcd import EtcdStore
 from ipamd.store.sqlite import SqliteStore
 from tests.conftest import require
-from tests.helpers.etcd import EtcdServer, free_port
+from tests.helpers.clock import FakeClock
+from tests.helpers.etcd import EtcdServer, free_port, make_tls
 from tests.helpers.etcd import available as etcd_available
 s = SqliteStore(sys.argv[1])
 for i in range(20):
@@ -820,3 +807,26 @@ def test_etcd_outage_then_recovery(contract_etcd: EtcdServer) -> None:
                 time.sleep(0.1)
         kv = s.get("/outage/a")
         assert kv is not None and kv.value == b"1"  # data survived the restart
+
+
+def test_etcd_mutual_tls(tmp_path: Path) -> None:
+    """--etcd-cafile/certfile/keyfile: TLS with a client certificate; without one etcd refuses."""
+    ok, why = etcd_available()
+    require(ok, why)
+    tls = make_tls(tmp_path / "pki")
+    server = EtcdServer(tmp_path / "etcd", tls=tls)
+    server.start()
+    try:
+        url = f"etcd://{server.endpoint}"
+        flags = ["--store", url, "--etcd-cafile", tls.ca]
+        flags += ["--etcd-certfile", tls.client_cert, "--etcd-keyfile", tls.client_key]
+        cfg = load_config(flags)  # the daemon's own path from flags to the store
+        with open_store(cfg.store, **cfg.store_options()) as s:
+            s.put("/tls/a", b"1")
+            assert s.get("/tls/a").value == b"1"  # type: ignore[union-attr]
+        with open_store(url, ca_file=tls.ca, timeout=1.0) as s, pytest.raises(StoreUnavailable):
+            s.get("/tls/a")  # no client certificate
+        with open_store(url, timeout=1.0) as s, pytest.raises(StoreUnavailable):
+            s.get("/tls/a")  # plaintext to a TLS port
+    finally:
+        server.stop()

@@ -90,6 +90,18 @@ def format_address(addr: IPAddress) -> str:
     return ":".join(parts[:best_start]) + "::" + ":".join(parts[best_start + best_len :])
 
 
+def _common_text(subnet: IPNetwork) -> str:
+    """The longest text every address of an IPv4 subnet starts with ("" for IPv6: not positional)."""
+    if subnet.version != 4:
+        return ""
+    first = format_address(subnet.network_address)
+    last = format_address(subnet.broadcast_address)
+    common = 0
+    while common < min(len(first), len(last)) and first[common] == last[common]:
+        common += 1
+    return first[:common]
+
+
 class Keys:
     """Builds and parses every key under one prefix (so two clusters can share an etcd)."""
 
@@ -147,6 +159,15 @@ class Keys:
     def ips_prefix(self) -> str:
         return f"{self.prefix}/ips/"
 
+    def ips_prefix_for(self, subnet: IPNetwork) -> str:
+        """A key prefix covering every IP key of `subnet`, so one subnet's records are listed
+        without reading the whole cluster's (a /24 gives `<prefix>/ips/10.244.3.`).
+
+        It may cover more than the subnet (`10.244.1` for 10.244.10.0/23): filter the listing by
+        membership. IPv6 text is not positional, so there it is the whole `ips/` prefix.
+        """
+        return self.ips_prefix() + _common_text(subnet)
+
     def parse_ip(self, key: str) -> IPAddress | None:
         return self._parse_addr(key, self.ips_prefix())
 
@@ -198,6 +219,10 @@ class Keys:
 
     def released_prefix(self) -> str:
         return f"{self.prefix}/released/"
+
+    def released_prefix_for(self, subnet: IPNetwork) -> str:
+        """Like `ips_prefix_for`, for the cooldown records."""
+        return self.released_prefix() + _common_text(subnet)
 
     def parse_released(self, key: str) -> IPAddress | None:
         return self._parse_addr(key, self.released_prefix())

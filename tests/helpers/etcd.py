@@ -30,12 +30,46 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    ca: str
+    server_cert: str
+    server_key: str
+    client_cert: str
+    client_key: str
+
+
+def make_tls(directory: Path) -> TlsFiles:
+    """A throwaway CA, a server certificate for 127.0.0.1 and a client certificate (openssl)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    d = str(directory)
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=moor-test-ca",
+        "-keyout", f"{d}/ca.key", "-out", f"{d}/ca.crt")  # fmt: skip
+    for name, ext in (
+        ("server", "subjectAltName=IP:127.0.0.1"),
+        ("client", "extendedKeyUsage=clientAuth"),
+    ):
+        run("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN=moor-test-{name}",
+            "-keyout", f"{d}/{name}.key", "-out", f"{d}/{name}.csr")  # fmt: skip
+        (directory / f"{name}.ext").write_text(ext + "\n")
+        run("x509", "-req", "-in", f"{d}/{name}.csr", "-CA", f"{d}/ca.crt", "-CAkey", f"{d}/ca.key",
+            "-CAcreateserial", "-days", "1", "-extfile", f"{d}/{name}.ext", "-out", f"{d}/{name}.crt")  # fmt: skip
+    return TlsFiles(
+        f"{d}/ca.crt", f"{d}/server.crt", f"{d}/server.key", f"{d}/client.crt", f"{d}/client.key"
+    )
+
+
 @dataclass
 class EtcdServer:
     workdir: Path
     name: str = "moor-test"
     client_port: int = field(default_factory=free_port)
     peer_port: int = field(default_factory=free_port)
+    tls: TlsFiles | None = None  # serve clients over TLS, requiring client certificates
     proc: subprocess.Popen | None = None
 
     @property
@@ -49,7 +83,8 @@ class EtcdServer:
 
     def start(self, timeout: float = 20.0) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        client = f"http://127.0.0.1:{self.client_port}"
+        scheme = "https" if self.tls else "http"
+        client = f"{scheme}://127.0.0.1:{self.client_port}"
         peer = f"http://127.0.0.1:{self.peer_port}"
         argv = [
             ETCD_BINARY,
@@ -64,6 +99,13 @@ class EtcdServer:
             "--log-level", "warn",
             "--logger", "zap",
         ]  # fmt: skip
+        if self.tls:
+            argv += [
+                "--cert-file", self.tls.server_cert,
+                "--key-file", self.tls.server_key,
+                "--trusted-ca-file", self.tls.ca,
+                "--client-cert-auth",
+            ]  # fmt: skip
         log = open(self.workdir / "etcd.log", "ab")  # noqa: SIM115 - owned by the process
         self.proc = subprocess.Popen(argv, stdout=log, stderr=log, start_new_session=True)
         log.close()
@@ -77,20 +119,21 @@ class EtcdServer:
         self.stop()
         raise RuntimeError(f"etcd not healthy within {timeout} s: {self.log_tail()}")
 
+    def _etcdctl_argv(self) -> list[str]:
+        scheme = "https" if self.tls else "http"
+        argv = ["etcdctl", f"--endpoints={scheme}://{self.endpoint}"]
+        if self.tls:
+            argv += [
+                f"--cacert={self.tls.ca}",
+                f"--cert={self.tls.client_cert}",
+                f"--key={self.tls.client_key}",
+            ]
+        return argv
+
     def healthy(self) -> bool:
         env = {**os.environ, "ETCDCTL_API": "3"}
-        r = subprocess.run(
-            [
-                "etcdctl",
-                f"--endpoints={self.endpoint}",
-                "--command-timeout=1s",
-                "endpoint",
-                "health",
-            ],
-            capture_output=True,
-            env=env,
-        )
-        return r.returncode == 0
+        argv = [*self._etcdctl_argv(), "--command-timeout=1s", "endpoint", "health"]
+        return subprocess.run(argv, capture_output=True, env=env).returncode == 0
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL after 10 s; only our own process."""
@@ -113,7 +156,7 @@ class EtcdServer:
     def etcdctl(self, *args: str) -> str:
         env = {**os.environ, "ETCDCTL_API": "3"}
         r = subprocess.run(
-            ["etcdctl", f"--endpoints={self.endpoint}", *args],
+            [*self._etcdctl_argv(), *args],
             capture_output=True,
             text=True,
             env=env,

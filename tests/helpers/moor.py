@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -66,6 +67,13 @@ def delete_netns(name: str) -> None:
     run_cmd("ip", "netns", "del", name, check=False)
 
 
+def free_port() -> int:
+    """A loopback TCP port nobody listens on right now (daemons run in parallel across tests)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @dataclass
 class Daemon:
     """One moor-ipamd, as one simulated node."""
@@ -79,6 +87,9 @@ class Daemon:
     extra_args: list[str] = field(default_factory=list)
     log_level: str = "debug"
     fault_injection: bool = True
+    store_url: str | None = None  # None: a SQLite file of its own; else e.g. an etcd://, shared
+    key_prefix: str = "/moor"
+    metrics_port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
 
     @property
@@ -98,6 +109,10 @@ class Daemon:
         return f"{self.name.upper()}-MASQ"[:28]
 
     @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    @property
     def log_path(self) -> Path:
         return self.workdir / "ipamd.log"
 
@@ -109,7 +124,9 @@ class Daemon:
             "--node-name",
             self.name,
             "--store",
-            f"sqlite://{self.workdir}/store.db",
+            self.store_url or f"sqlite://{self.workdir}/store.db",
+            "--key-prefix",
+            self.key_prefix,
             "--network",
             self.network,
             "--subnet-len",
@@ -129,6 +146,8 @@ class Daemon:
             "--log-level",
             "debug",
             "--enable-fault-injection",
+            "--metrics-addr",
+            f"127.0.0.1:{self.metrics_port}",
             *self.extra_args,
         ]
 

@@ -157,3 +157,145 @@ class StatusResponse(_message.Message):
     allocations: _containers.RepeatedCompositeFieldContainer[Allocation]
     cooldown_seconds: float
     def __init__(self, node: _Optional[str] = ..., ready: _Optional[bool] = ..., reason: _Optional[str] = ..., network: _Optional[str] = ..., subnets: _Optional[_Iterable[_Union[SubnetStatus, _Mapping]]] = ..., allocations: _Optional[_Iterable[_Union[Allocation, _Mapping]]] = ..., cooldown_seconds: _Optional[float] = ...) -> None: ...
+
+class NetworkConfig(_message.Message):
+    __slots__ = ("network", "subnet_len", "subnet_min", "subnet_max", "fixed_ranges", "backend")
+    NETWORK_FIELD_NUMBER: _ClassVar[int]
+    SUBNET_LEN_FIELD_NUMBER: _ClassVar[int]
+    SUBNET_MIN_FIELD_NUMBER: _ClassVar[int]
+    SUBNET_MAX_FIELD_NUMBER: _ClassVar[int]
+    FIXED_RANGES_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    network: str
+    subnet_len: int
+    subnet_min: str
+    subnet_max: str
+    fixed_ranges: _containers.RepeatedScalarFieldContainer[str]
+    backend: str
+    def __init__(self, network: _Optional[str] = ..., subnet_len: _Optional[int] = ..., subnet_min: _Optional[str] = ..., subnet_max: _Optional[str] = ..., fixed_ranges: _Optional[_Iterable[str]] = ..., backend: _Optional[str] = ...) -> None: ...
+
+class NetworkShowRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class NetworkShowResponse(_message.Message):
+    __slots__ = ("config",)
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    config: NetworkConfig
+    def __init__(self, config: _Optional[_Union[NetworkConfig, _Mapping]] = ...) -> None: ...
+
+class NetworkInitRequest(_message.Message):
+    __slots__ = ("config",)
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    config: NetworkConfig
+    def __init__(self, config: _Optional[_Union[NetworkConfig, _Mapping]] = ...) -> None: ...
+
+class NetworkInitResponse(_message.Message):
+    __slots__ = ("config", "created")
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    config: NetworkConfig
+    created: bool
+    def __init__(self, config: _Optional[_Union[NetworkConfig, _Mapping]] = ..., created: _Optional[bool] = ...) -> None: ...
+
+class SubnetUsage(_message.Message):
+    __slots__ = ("subnet", "node", "public_ip", "since", "backend_json", "total", "reserved", "allocated", "cooling", "free")
+    SUBNET_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_IP_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_JSON_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_FIELD_NUMBER: _ClassVar[int]
+    ALLOCATED_FIELD_NUMBER: _ClassVar[int]
+    COOLING_FIELD_NUMBER: _ClassVar[int]
+    FREE_FIELD_NUMBER: _ClassVar[int]
+    subnet: str
+    node: str
+    public_ip: str
+    since: float
+    backend_json: str
+    total: int
+    reserved: int
+    allocated: int
+    cooling: int
+    free: int
+    def __init__(self, subnet: _Optional[str] = ..., node: _Optional[str] = ..., public_ip: _Optional[str] = ..., since: _Optional[float] = ..., backend_json: _Optional[str] = ..., total: _Optional[int] = ..., reserved: _Optional[int] = ..., allocated: _Optional[int] = ..., cooling: _Optional[int] = ..., free: _Optional[int] = ...) -> None: ...
+
+class ListSubnetsRequest(_message.Message):
+    __slots__ = ("node",)
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    def __init__(self, node: _Optional[str] = ...) -> None: ...
+
+class ListSubnetsResponse(_message.Message):
+    __slots__ = ("subnets",)
+    SUBNETS_FIELD_NUMBER: _ClassVar[int]
+    subnets: _containers.RepeatedCompositeFieldContainer[SubnetUsage]
+    def __init__(self, subnets: _Optional[_Iterable[_Union[SubnetUsage, _Mapping]]] = ...) -> None: ...
+
+class ListAllocationsRequest(_message.Message):
+    __slots__ = ("node", "pod_namespace", "pod_name")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    POD_NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    POD_NAME_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    pod_namespace: str
+    pod_name: str
+    def __init__(self, node: _Optional[str] = ..., pod_namespace: _Optional[str] = ..., pod_name: _Optional[str] = ...) -> None: ...
+
+class ListAllocationsResponse(_message.Message):
+    __slots__ = ("allocations",)
+    ALLOCATIONS_FIELD_NUMBER: _ClassVar[int]
+    allocations: _containers.RepeatedCompositeFieldContainer[Allocation]
+    def __init__(self, allocations: _Optional[_Iterable[_Union[Allocation, _Mapping]]] = ...) -> None: ...
+
+class AdminReleaseRequest(_message.Message):
+    __slots__ = ("ip", "handle")
+    IP_FIELD_NUMBER: _ClassVar[int]
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    ip: str
+    handle: Handle
+    def __init__(self, ip: _Optional[str] = ..., handle: _Optional[_Union[Handle, _Mapping]] = ...) -> None: ...
+
+class AdminReleaseResponse(_message.Message):
+    __slots__ = ("allocation",)
+    ALLOCATION_FIELD_NUMBER: _ClassVar[int]
+    allocation: Allocation
+    def __init__(self, allocation: _Optional[_Union[Allocation, _Mapping]] = ...) -> None: ...
+
+class NodeRemoveRequest(_message.Message):
+    __slots__ = ("node",)
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    def __init__(self, node: _Optional[str] = ...) -> None: ...
+
+class NodeRemoveResponse(_message.Message):
+    __slots__ = ("subnets", "ips_freed", "released_cleared")
+    SUBNETS_FIELD_NUMBER: _ClassVar[int]
+    IPS_FREED_FIELD_NUMBER: _ClassVar[int]
+    RELEASED_CLEARED_FIELD_NUMBER: _ClassVar[int]
+    subnets: _containers.RepeatedScalarFieldContainer[str]
+    ips_freed: int
+    released_cleared: int
+    def __init__(self, subnets: _Optional[_Iterable[str]] = ..., ips_freed: _Optional[int] = ..., released_cleared: _Optional[int] = ...) -> None: ...
+
+class UtilizationRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class UtilizationResponse(_message.Message):
+    __slots__ = ("config", "subnets", "subnets_leased", "subnets_free", "addresses_allocated", "cooldown_seconds")
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    SUBNETS_FIELD_NUMBER: _ClassVar[int]
+    SUBNETS_LEASED_FIELD_NUMBER: _ClassVar[int]
+    SUBNETS_FREE_FIELD_NUMBER: _ClassVar[int]
+    ADDRESSES_ALLOCATED_FIELD_NUMBER: _ClassVar[int]
+    COOLDOWN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    config: NetworkConfig
+    subnets: _containers.RepeatedCompositeFieldContainer[SubnetUsage]
+    subnets_leased: int
+    subnets_free: int
+    addresses_allocated: int
+    cooldown_seconds: float
+    def __init__(self, config: _Optional[_Union[NetworkConfig, _Mapping]] = ..., subnets: _Optional[_Iterable[_Union[SubnetUsage, _Mapping]]] = ..., subnets_leased: _Optional[int] = ..., subnets_free: _Optional[int] = ..., addresses_allocated: _Optional[int] = ..., cooldown_seconds: _Optional[float] = ...) -> None: ...

@@ -267,3 +267,333 @@ class Ipam:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class AdminStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.NetworkShow = channel.unary_unary(
+                '/moor.ipam.v1.Admin/NetworkShow',
+                request_serializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.NetworkShowRequest.SerializeToString,
+                response_deserializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.NetworkShowResponse.FromString,
+                _registered_method=True)
+        self.NetworkInit = channel.unary_unary(
+                '/moor.ipam.v1.Admin/NetworkInit',
+                request_serializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.NetworkInitRequest.SerializeToString,
+                response_deserializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.NetworkInitResponse.FromString,
+                _registered_method=True)
+        self.ListSubnets = channel.unary_unary(
+                '/moor.ipam.v1.Admin/ListSubnets',
+                request_serializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.ListSubnetsRequest.SerializeToString,
+                response_deserializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.ListSubnetsResponse.FromString,
+                _registered_method=True)
+        self.ListAllocations = channel.unary_stream(
+                '/moor.ipam.v1.Admin/ListAllocations',
+                request_serializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.ListAllocationsRequest.SerializeToString,
+                response_deserializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.ListAllocationsResponse.FromString,
+                _registered_method=True)
+        self.Release = channel.unary_unary(
+                '/moor.ipam.v1.Admin/Release',
+                request_serializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.AdminReleaseRequest.SerializeToString,
+                response_deserializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.AdminReleaseResponse.FromString,
+                _registered_method=True)
+        self.NodeRemove = channel.unary_unary(
+                '/moor.ipam.v1.Admin/NodeRemove',
+                request_serializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.NodeRemoveRequest.SerializeToString,
+                response_deserializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.NodeRemoveResponse.FromString,
+                _registered_method=True)
+        self.Utilization = channel.unary_unary(
+                '/moor.ipam.v1.Admin/Utilization',
+                request_serializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.UtilizationRequest.SerializeToString,
+                response_deserializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.UtilizationResponse.FromString,
+                _registered_method=True)
+
+
+class AdminServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def NetworkShow(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def NetworkInit(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSubnets(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAllocations(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Release(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def NodeRemove(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Utilization(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AdminServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'NetworkShow': grpc.unary_unary_rpc_method_handler(
+                    servicer.NetworkShow,
+                    request_deserializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.NetworkShowRequest.FromString,
+                    response_serializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.NetworkShowResponse.SerializeToString,
+            ),
+            'NetworkInit': grpc.unary_unary_rpc_method_handler(
+                    servicer.NetworkInit,
+                    request_deserializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.NetworkInitRequest.FromString,
+                    response_serializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.NetworkInitResponse.SerializeToString,
+            ),
+            'ListSubnets': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSubnets,
+                    request_deserializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.ListSubnetsRequest.FromString,
+                    response_serializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.ListSubnetsResponse.SerializeToString,
+            ),
+            'ListAllocations': grpc.unary_stream_rpc_method_handler(
+                    servicer.ListAllocations,
+                    request_deserializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.ListAllocationsRequest.FromString,
+                    response_serializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.ListAllocationsResponse.SerializeToString,
+            ),
+            'Release': grpc.unary_unary_rpc_method_handler(
+                    servicer.Release,
+                    request_deserializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.AdminReleaseRequest.FromString,
+                    response_serializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.AdminReleaseResponse.SerializeToString,
+            ),
+            'NodeRemove': grpc.unary_unary_rpc_method_handler(
+                    servicer.NodeRemove,
+                    request_deserializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.NodeRemoveRequest.FromString,
+                    response_serializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.NodeRemoveResponse.SerializeToString,
+            ),
+            'Utilization': grpc.unary_unary_rpc_method_handler(
+                    servicer.Utilization,
+                    request_deserializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.UtilizationRequest.FromString,
+                    response_serializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.UtilizationResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'moor.ipam.v1.Admin', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('moor.ipam.v1.Admin', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Admin:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def NetworkShow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moor.ipam.v1.Admin/NetworkShow',
+            ipamd_dot_api_dot_v1_dot_ipam__pb2.NetworkShowRequest.SerializeToString,
+            ipamd_dot_api_dot_v1_dot_ipam__pb2.NetworkShowResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def NetworkInit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moor.ipam.v1.Admin/NetworkInit',
+            ipamd_dot_api_dot_v1_dot_ipam__pb2.NetworkInitRequest.SerializeToString,
+            ipamd_dot_api_dot_v1_dot_ipam__pb2.NetworkInitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSubnets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moor.ipam.v1.Admin/ListSubnets',
+            ipamd_dot_api_dot_v1_dot_ipam__pb2.ListSubnetsRequest.SerializeToString,
+            ipamd_dot_api_dot_v1_dot_ipam__pb2.ListSubnetsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAllocations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/moor.ipam.v1.Admin/ListAllocations',
+            ipamd_dot_api_dot_v1_dot_ipam__pb2.ListAllocationsRequest.SerializeToString,
+            ipamd_dot_api_dot_v1_dot_ipam__pb2.ListAllocationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Release(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moor.ipam.v1.Admin/Release',
+            ipamd_dot_api_dot_v1_dot_ipam__pb2.AdminReleaseRequest.SerializeToString,
+            ipamd_dot_api_dot_v1_dot_ipam__pb2.AdminReleaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def NodeRemove(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moor.ipam.v1.Admin/NodeRemove',
+            ipamd_dot_api_dot_v1_dot_ipam__pb2.NodeRemoveRequest.SerializeToString,
+            ipamd_dot_api_dot_v1_dot_ipam__pb2.NodeRemoveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Utilization(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moor.ipam.v1.Admin/Utilization',
+            ipamd_dot_api_dot_v1_dot_ipam__pb2.UtilizationRequest.SerializeToString,
+            ipamd_dot_api_dot_v1_dot_ipam__pb2.UtilizationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -1,0 +1,362 @@
+"""moor-ipamd's Prometheus metrics, on a private registry served over HTTP (`--metrics-addr`).
+
+Counters and histograms are updated where things happen (allocation in NodeIpam, CNI requests in
+Daemon.handle, store errors in `CountingStore`); the address and subnet gauges are computed at
+scrape time from the allocator and the store, so they are never stale. The registry is private, so
+several daemons (or tests) in one process never share a series.
+
+Only the daemon imports this module: bin/moor, the CNI shim, stays stdlib-only.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Concatenate, ParamSpec, TypeVar
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+
+from ipamd.config import split_host_port
+from ipamd.errors import NetworkExhausted, NoLease
+from ipamd.model import IPNetwork, NetworkConfig
+from ipamd.store.base import (
+    Compare,
+    Delete,
+    KeyValue,
+    Put,
+    Store,
+    StoreError,
+    TxnResult,
+    WatchEvent,
+)
+
+if TYPE_CHECKING:
+    from cni_plugin.skel import Reply
+    from ipamd.node import NodeIpam
+
+log = logging.getLogger(__name__)
+
+# 0.1 ms .. 5 s: an allocation is one store transaction; an ADD adds a few netlink round trips.
+LATENCY_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+)
+CNI_VERBS = ("ADD", "DEL", "CHECK", "GC", "STATUS", "VERSION")
+FAILURE_REASONS = ("exhausted", "unavailable", "other")
+STORE_OPS = (
+    "get",
+    "list_prefix",
+    "put",
+    "create",
+    "compare_and_swap",
+    "compare_and_delete",
+    "delete",
+    "txn",
+    "revision",
+    "grant_lease",
+    "refresh_lease",
+    "revoke_lease",
+    "lease_ttl_remaining",
+    "watch",
+    "ping",
+    "close",
+)
+
+
+class MetricsServerError(Exception):
+    """The metrics endpoint could not be served (address in use, unknown host)."""
+
+
+class Metrics:
+    """Every metric of one daemon, on its own registry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        # Registered first, so a store error it hits shows in the same scrape's error counter.
+        self._ipam_collector = _IpamCollector()
+        self.registry.register(self._ipam_collector)
+        self.allocation_seconds = Histogram(
+            "moor_allocation_duration_seconds",
+            "Time to allocate one pod IP (store transaction included), failures included.",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.allocation_failures = Counter(
+            "moor_allocation_failures",
+            "Failed IP allocations by reason: exhausted (no free IP in the cluster network), "
+            "unavailable (store unreachable or no subnet lease), other.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.cni_seconds = Histogram(
+            "moor_cni_request_duration_seconds",
+            "Time the daemon spent on one CNI request, by verb.",
+            ["verb"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.cni_requests = Counter(
+            "moor_cni_requests",
+            "CNI requests by verb and CNI result code (0 is success).",
+            ["verb", "code"],
+            registry=self.registry,
+        )
+        self.store_errors = Counter(
+            "moor_store_errors",
+            "Errors raised by the IPAM store (etcd or SQLite), by store operation.",
+            ["op"],
+            registry=self.registry,
+        )
+        for reason in FAILURE_REASONS:
+            self.allocation_failures.labels(reason)
+        for verb in CNI_VERBS:
+            self.cni_seconds.labels(verb)
+        for op in STORE_OPS:
+            self.store_errors.labels(op)
+        self._server: WSGIServer | None = None
+
+    # ---- wiring ----------------------------------------------------------------------------
+    def track(self, ipam: NodeIpam) -> None:
+        """Report this node's address and subnet gauges from `ipam` at every scrape."""
+        self._ipam_collector.ipam = ipam
+
+    def count_store_errors(self, store: Store) -> CountingStore:
+        return CountingStore(store, lambda op: self.store_errors.labels(op).inc())
+
+    def serve(self, addr: str) -> None:
+        """Serve /metrics on `addr` (HOST:PORT) from a daemon thread."""
+        host, port = split_host_port(addr, "--metrics-addr")
+        try:
+            self._server, _ = start_http_server(port, host, registry=self.registry)
+        except OSError as exc:
+            raise MetricsServerError(
+                f"cannot serve metrics on {addr}: {exc.strerror or exc}"
+            ) from exc
+        log.info("metrics on http://%s/metrics", addr)
+
+    def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+
+    # ---- observations ----------------------------------------------------------------------
+    @contextmanager
+    def time_allocation(self) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        except NetworkExhausted:
+            self.allocation_failures.labels("exhausted").inc()
+            raise
+        except (StoreError, NoLease):
+            self.allocation_failures.labels("unavailable").inc()
+            raise
+        except Exception:
+            self.allocation_failures.labels("other").inc()
+            raise
+        finally:
+            self.allocation_seconds.observe(time.perf_counter() - started)
+
+    def observe_cni(self, command: str, reply: Reply, seconds: float) -> None:
+        verb = command if command in CNI_VERBS else "other"
+        self.cni_seconds.labels(verb).observe(seconds)
+        self.cni_requests.labels(verb, cni_code(reply.code, reply.stdout)).inc()
+
+
+def cni_code(exit_code: int, stdout: bytes) -> str:
+    """The CNI result code of a reply: 0, else the `code` of its error JSON."""
+    if exit_code == 0:
+        return "0"
+    try:
+        code = json.loads(stdout).get("code")
+    except (ValueError, AttributeError):
+        code = None
+    return str(code) if isinstance(code, int) else "unknown"
+
+
+# ---- scrape-time gauges -------------------------------------------------------------------
+class _IpamCollector:
+    """moor_addresses, moor_node_subnets and moor_node_subnets_held, read at scrape time."""
+
+    def __init__(self) -> None:
+        self.ipam: NodeIpam | None = None
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families()
+
+    def collect(self) -> Iterable[Metric]:
+        ipam = self.ipam
+        if ipam is None:
+            return []
+        addresses, subnets, held = self._families()
+        for pool in ipam.pools():
+            subnet = str(pool.subnet)
+            addresses.add_metric([subnet, "allocated"], pool.used)
+            addresses.add_metric([subnet, "free"], pool.free)
+            addresses.add_metric([subnet, "cooling"], pool.cooling)
+            addresses.add_metric([subnet, "reserved"], pool.subnet.num_addresses - pool.total)
+        held.add_metric([], len(ipam.leases.subnets))
+        families = [addresses, held]
+        try:
+            items, _ = ipam.store.list_prefix(ipam.leases.keys.subnets_prefix())
+        except StoreError as exc:  # counted by CountingStore; the rest of the scrape still works
+            log.warning("metrics: cannot list node subnets: %s", exc)
+            return families
+        config = ipam.leases.config
+        parsed = (ipam.leases.keys.parse_subnet(kv.key) for kv in items)
+        leased = [s for s in parsed if s is not None and _in_network(config, s)]
+        # A lease outside the leaseable range (the range shrank since) is leased, but not off `free`.
+        in_range = sum(1 for s in leased if config.leaseable(s))
+        subnets.add_metric(["leased"], len(leased))
+        subnets.add_metric(["free"], max(0, config.leaseable_count() - in_range))
+        return [*families, subnets]
+
+    @staticmethod
+    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
+        return (
+            GaugeMetricFamily(
+                "moor_addresses",
+                "Pod addresses of this node's subnets by state: allocated, free, cooling "
+                "(released, waiting out the cooldown), reserved (network, gateway, broadcast).",
+                labels=["subnet", "state"],
+            ),
+            GaugeMetricFamily(
+                "moor_node_subnets",
+                "Node subnets of the cluster network: leased (by any node) and free.",
+                labels=["state"],
+            ),
+            GaugeMetricFamily(
+                "moor_node_subnets_held", "Node subnets this node holds a lease on.", labels=[]
+            ),
+        )
+
+
+def _in_network(config: NetworkConfig, subnet: IPNetwork) -> bool:
+    return (
+        subnet.version == config.network.version
+        and subnet.prefixlen == config.subnet_len
+        and subnet.subnet_of(config.network)  # type: ignore[arg-type]
+    )
+
+
+# ---- store errors -------------------------------------------------------------------------
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _counted(
+    method: Callable[Concatenate[CountingStore, P], R],
+) -> Callable[Concatenate[CountingStore, P], R]:
+    op = method.__name__
+
+    @functools.wraps(method)
+    def wrapper(self: CountingStore, *args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return method(self, *args, **kwargs)
+        except StoreError:
+            self.on_error(op)
+            raise
+
+    return wrapper
+
+
+class CountingStore:
+    """A `Store` that reports every StoreError its backend raises (by method) and re-raises it."""
+
+    def __init__(self, store: Store, on_error: Callable[[str], None]) -> None:
+        self.store = store
+        self.on_error = on_error
+
+    @_counted
+    def get(self, key: str) -> KeyValue | None:
+        return self.store.get(key)
+
+    @_counted
+    def list_prefix(self, prefix: str) -> tuple[list[KeyValue], int]:
+        return self.store.list_prefix(prefix)
+
+    @_counted
+    def put(self, key: str, value: bytes, lease: int = 0) -> int:
+        return self.store.put(key, value, lease)
+
+    @_counted
+    def create(self, key: str, value: bytes, lease: int = 0) -> bool:
+        return self.store.create(key, value, lease)
+
+    @_counted
+    def compare_and_swap(self, key: str, value: bytes, mod_revision: int, lease: int = 0) -> bool:
+        return self.store.compare_and_swap(key, value, mod_revision, lease)
+
+    @_counted
+    def compare_and_delete(self, key: str, mod_revision: int) -> bool:
+        return self.store.compare_and_delete(key, mod_revision)
+
+    @_counted
+    def delete(self, key: str) -> bool:
+        return self.store.delete(key)
+
+    @_counted
+    def txn(self, compares: Sequence[Compare], ops: Sequence[Put | Delete]) -> TxnResult:
+        return self.store.txn(compares, ops)
+
+    @_counted
+    def revision(self) -> int:
+        return self.store.revision()
+
+    @_counted
+    def grant_lease(self, ttl: float) -> int:
+        return self.store.grant_lease(ttl)
+
+    @_counted
+    def refresh_lease(self, lease_id: int) -> float:
+        return self.store.refresh_lease(lease_id)
+
+    @_counted
+    def revoke_lease(self, lease_id: int) -> None:
+        self.store.revoke_lease(lease_id)
+
+    @_counted
+    def lease_ttl_remaining(self, lease_id: int) -> float | None:
+        return self.store.lease_ttl_remaining(lease_id)
+
+    @_counted
+    def watch(
+        self, prefix: str, start_revision: int, stop: threading.Event
+    ) -> Iterator[WatchEvent]:
+        return self._watch(self.store.watch(prefix, start_revision, stop))
+
+    def _watch(self, events: Iterator[WatchEvent]) -> Iterator[WatchEvent]:
+        try:
+            yield from events
+        except StoreError:
+            self.on_error("watch")
+            raise
+
+    @_counted
+    def ping(self) -> None:
+        self.store.ping()
+
+    @_counted
+    def close(self) -> None:
+        self.store.close()
