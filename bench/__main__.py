@@ -1,6 +1,10 @@
 """`python -m bench`: set up, measure, tear down (always, also on Ctrl-C or SIGTERM), report.
 
-Exit status: 0 when every CNI call succeeded and the host is clean (whether or not the targets
+Two parts, each with its own section of BENCHMARKS.md: the CNI plugin against the reference
+bridge + host-local (bench/cni_bench.py), then the IPAM daemon on etcd against host-local
+(bench/ipam_bench.py); `--only cni|ipam` runs one.
+
+Exit status: 0 when every call succeeded and the host is clean (whether or not the targets
 are met), 1 when a call failed, the run broke or something could not be removed, 2 on bad
 usage, 130 when interrupted.
 """
@@ -16,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench import report
+from bench import ipam_bench, report
 from bench.cni_bench import Bench, Figures, container_ids, startup_floor
 from bench.harness import (
     MOOR_NETNS,
@@ -43,7 +47,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=DEFAULTS["rounds"],
         help="rounds of concurrent bursts (median)",
     )
-    parser.add_argument("--quick", action="store_true", help="10 pods, 10-concurrent only, 1 round")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="CNI: 10 pods, 10-concurrent only, 1 round; IPAM: smaller counts, 1 round",
+    )
+    parser.add_argument(
+        "--only", choices=("cni", "ipam"), help="run one part (default: CNI, then IPAM)"
+    )
     parser.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
     parser.add_argument(
         "--diagnose",
@@ -127,11 +138,7 @@ def print_report(args: argparse.Namespace, run: Run, table: list[report.Row]) ->
             print(f"  {f.plugin} {f.command} {f.container_id}: {f.reason}", file=sys.stderr)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if os.geteuid() != 0:
-        print("the bench needs root (netns, bridges, iptables)", file=sys.stderr)
-        return 2
+def run_cni(args: argparse.Namespace, command: str) -> int:
     reference_ids = container_ids("reference", args.pods, args.sizes, args.rounds)
     reference_ids |= container_ids("reference", **DEFAULTS)  # a killed default run's
     host = Host()
@@ -169,10 +176,73 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_write or status:
         print("\nBENCHMARKS.md not updated")
         return status
-    command = " ".join(["python -m bench", *(sys.argv[1:] if argv is None else argv)])
     report.write_benchmarks(report.section(run.figures, table, report.environment(), command))
     print(f"\nwrote {report.BENCHMARKS}")
     return 0
+
+
+def run_ipam(args: argparse.Namespace, command: str) -> int:
+    """The IPAM part: etcd + moor-ipamd processes vs host-local; its own BENCHMARKS.md section."""
+    params = dict(ipam_bench.QUICK if args.quick else ipam_bench.DEFAULTS)
+    stale = ipam_bench.leftovers()
+    if stale:
+        say(f"removing {len(stale)} leftover(s) of an earlier IPAM run, e.g. {stale[0]}")
+        ipam_bench.cleanup_host()
+    workdir = Path(tempfile.mkdtemp(prefix="mbi-bench-"))
+    fig, status = ipam_bench.IpamFigures(params), 0
+    try:
+        with sigterm_as_interrupt():
+            ipam_bench.run(fig, workdir, say)
+    except KeyboardInterrupt:
+        say("interrupted")
+        status = 130
+    except Exception as exc:  # noqa: BLE001 - reported after the clean-up
+        say(f"IPAM bench failed: {exc!r}")
+        status = 1
+    finally:
+        with no_interrupts():
+            shutil.rmtree(workdir, ignore_errors=True)
+            fig.failures += [f"NOT CLEANED UP: {x}" for x in ipam_bench.leftovers()]
+            say("IPAM part cleaned up")
+    table = ipam_bench.rows(fig)
+    if table:
+        print()
+        print(ipam_bench.text_table(table))
+        for line in [*ipam_bench.details(fig), ipam_bench.load_note(fig)]:
+            print(f"  {line}")
+    if fig.daemon_warnings:
+        print(
+            f"\nmoor-ipamd logged {len(fig.daemon_warnings)} warning(s)/error(s); the first ones:"
+        )
+        for line in fig.daemon_warnings[:5]:
+            print(f"  {line[:300]}")
+    for failure in fig.failures:
+        print(failure, file=sys.stderr)
+    status = status or (1 if fig.failures else 0)
+    if args.no_write or status:
+        print("\nBENCHMARKS.md IPAM section not updated")
+        return status
+    env = {**report.environment(), "etcd": ipam_bench.etcd_package()}
+    section = ipam_bench.section(fig, table, env, command)
+    report.write_benchmarks(section, markers=(ipam_bench.START, ipam_bench.END))
+    print(f"\nwrote the IPAM section of {report.BENCHMARKS}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        print("the bench needs root (netns, bridges, iptables)", file=sys.stderr)
+        return 2
+    command = " ".join(["python -m bench", *(sys.argv[1:] if argv is None else argv)])
+    status = 0
+    if args.only != "ipam":
+        status = run_cni(args, command)
+        if status == 130:
+            return status
+    if args.only != "cni":
+        status = run_ipam(args, command) or status
+    return status
 
 
 if __name__ == "__main__":

@@ -244,12 +244,16 @@ def section(fig: Figures, table: list[Row], env: dict[str, str], command: str) -
     )
 
 
-def write_benchmarks(text: str, path: Path = BENCHMARKS) -> None:
-    """Replace the bench-owned section, keeping everything else in the file."""
+def write_benchmarks(
+    text: str, path: Path = BENCHMARKS, markers: tuple[str, str] = (START, END)
+) -> None:
+    """Replace one bench-owned section (the CNI one unless `markers` says otherwise), keeping
+    everything else in the file; a section not there yet is appended."""
     old = path.read_text() if path.exists() else "# Benchmarks\n"
-    start, end = old.find(START), old.find(END)
+    start_marker, end_marker = markers
+    start, end = old.find(start_marker), old.find(end_marker)
     if start >= 0 and end > start:
-        new = old[:start] + text + old[end + len(END) :]
+        new = old[:start] + text + old[end + len(end_marker) :]
     else:
         new = old.rstrip("\n") + "\n\n" + text + "\n"
     tmp = path.with_suffix(".md.tmp")

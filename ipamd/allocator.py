@@ -42,6 +42,7 @@ class SubnetPool:
     used: set[IPAddress] = field(default_factory=set)
     pending: set[IPAddress] = field(default_factory=set)
     released: deque[tuple[IPAddress, float]] = field(default_factory=deque)
+    released_ips: set[IPAddress] = field(default_factory=set)  # what `released` holds, to test fast
     cursor: int = 0
 
     def __post_init__(self) -> None:
@@ -68,22 +69,30 @@ class SubnetPool:
         return ip in self.subnet and self.first <= int(ip) <= self.last
 
     def take_fresh(self) -> IPAddress | None:
-        released = {ip for ip, _ in self.released}
         while self.cursor <= self.last:
             ip = ipaddress.ip_address(self.cursor)
             self.cursor += 1
-            if ip not in self.used and ip not in self.pending and ip not in released:
+            if ip not in self.used and ip not in self.pending and ip not in self.released_ips:
                 return ip
         return None
+
+    def push_released(self, ip: IPAddress, at: float, *, front: bool = False) -> None:
+        if front:
+            self.released.appendleft((ip, at))
+        else:
+            self.released.append((ip, at))
+        self.released_ips.add(ip)
 
     def take_released(self, now: float, cooldown: float, force: bool = False) -> IPAddress | None:
         while self.released:
             ip, at = self.released[0]
             if ip in self.used or ip in self.pending:
                 self.released.popleft()
+                self.released_ips.discard(ip)
                 continue
             if force or now - at >= cooldown:
                 self.released.popleft()
+                self.released_ips.discard(ip)
                 return ip
             return None
         return None
@@ -149,7 +158,7 @@ class NodeAllocator:
         for at, ip in sorted(released):
             pool = self._pool_for(ip, pools)
             if pool is not None and ip not in pool.used:
-                pool.released.append((ip, at))
+                pool.push_released(ip, at)
         with self._lock:
             self._pools = pools
             self._by_handle = by_handle
@@ -232,7 +241,7 @@ class NodeAllocator:
         with self._lock:
             pool.pending.discard(ip)
             if requeue:
-                pool.released.appendleft((ip, 0.0))
+                pool.push_released(ip, 0.0, front=True)
 
     def _pick(self, requested: IPAddress | None) -> tuple[IPAddress, SubnetPool]:
         if requested is not None:
@@ -291,6 +300,7 @@ class NodeAllocator:
         if ip in pool.used or ip in pool.pending:
             raise RequestedIPUnavailable(f"requested IP {ip} is already allocated")
         pool.released = deque((r, at) for r, at in pool.released if r != ip)
+        pool.released_ips.discard(ip)
         pool.pending.add(ip)
         return ip, pool
 
@@ -333,7 +343,7 @@ class NodeAllocator:
                 pool = self._pool_for(alloc.ip, self._pools)
                 if pool is not None:
                     pool.used.discard(alloc.ip)
-                    pool.released.append((alloc.ip, self.clock()))
+                    pool.push_released(alloc.ip, self.clock())
         return alloc
 
     def _pool_pending(self, ip: IPAddress, *, add: bool) -> None:
@@ -361,7 +371,7 @@ class NodeAllocator:
             if ip not in pool.used:
                 return
             pool.used.discard(ip)
-            pool.released.append((ip, self.clock()))
+            pool.push_released(ip, self.clock())
             for handle, alloc in list(self._by_handle.items()):
                 if alloc.ip == ip:
                     del self._by_handle[handle]

@@ -7,10 +7,8 @@ its metrics on a free loopback port; netns are `mmx-*`.
 from __future__ import annotations
 
 import ipaddress
-import itertools
 import json
 import os
-import secrets
 import socket
 import subprocess
 import sys
@@ -34,13 +32,11 @@ from ipamd.store.base import Store, StoreUnavailable
 from ipamd.store.keys import Keys
 from ipamd.store.sqlite import SqliteStore
 from tests.conftest import start_daemon
-from tests.helpers.moor import REPO, SHIM, Daemon, ExecRuntime, delete_netns, make_netns
+from tests.helpers.moor import REPO, SHIM, Daemon, ExecRuntime
 from tests.helpers.moor import plugin_config as make_conf
 
 NetnsFactory = Callable[[], tuple[str, str]]
 Samples = list[tuple[str, dict[str, str], float]]
-_ids = itertools.count()
-_run = secrets.token_hex(3)
 
 
 # ---- helpers ------------------------------------------------------------------------------------
@@ -84,21 +80,6 @@ def raw_call(d: Daemon, command: str, stdin: bytes, **env: str) -> dict:
     )
     assert proc.returncode == 1, proc
     return json.loads(proc.stdout)
-
-
-@pytest.fixture
-def netns() -> Iterator[NetnsFactory]:
-    made: list[str] = []
-
-    def factory() -> tuple[str, str]:
-        name = f"mmx-{_run}-{next(_ids)}"
-        path = make_netns(name)
-        made.append(name)
-        return name, path
-
-    yield factory
-    for name in made:
-        delete_netns(name)
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 ETCD_BINARY = "/usr/bin/etcd"
 
@@ -106,9 +107,8 @@ class EtcdServer:
                 "--trusted-ca-file", self.tls.ca,
                 "--client-cert-auth",
             ]  # fmt: skip
-        log = open(self.workdir / "etcd.log", "ab")  # noqa: SIM115 - owned by the process
-        self.proc = subprocess.Popen(argv, stdout=log, stderr=log, start_new_session=True)
-        log.close()
+        with open(self.workdir / "etcd.log", "ab") as log:
+            self.proc = self.spawn(argv, log)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -118,6 +118,12 @@ class EtcdServer:
             time.sleep(0.1)
         self.stop()
         raise RuntimeError(f"etcd not healthy within {timeout} s: {self.log_tail()}")
+
+    def spawn(self, argv: list[str], log: BinaryIO) -> subprocess.Popen:
+        """Start the process (the bench overrides this so etcd dies with it)."""
+        return subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+        )
 
     def _etcdctl_argv(self) -> list[str]:
         scheme = "https" if self.tls else "http"
