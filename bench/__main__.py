@@ -23,6 +23,7 @@ from pathlib import Path
 from bench import ipam_bench, report
 from bench.cni_bench import Bench, Figures, container_ids, startup_floor
 from bench.harness import (
+    IP_FORWARD,
     MOOR_NETNS,
     REF_NETNS,
     Host,
@@ -189,6 +190,7 @@ def run_ipam(args: argparse.Namespace, command: str) -> int:
         say(f"removing {len(stale)} leftover(s) of an earlier IPAM run, e.g. {stale[0]}")
         ipam_bench.cleanup_host()
     workdir = Path(tempfile.mkdtemp(prefix="mbi-bench-"))
+    forward_before = IP_FORWARD.read_text()  # daemons may turn forwarding on; put it back
     fig, status = ipam_bench.IpamFigures(params), 0
     try:
         with sigterm_as_interrupt():
@@ -202,6 +204,7 @@ def run_ipam(args: argparse.Namespace, command: str) -> int:
     finally:
         with no_interrupts():
             shutil.rmtree(workdir, ignore_errors=True)
+            IP_FORWARD.write_text(forward_before)
             fig.failures += [f"NOT CLEANED UP: {x}" for x in ipam_bench.leftovers()]
             say("IPAM part cleaned up")
     table = ipam_bench.rows(fig)
