@@ -40,6 +40,7 @@ from typing import Any, BinaryIO
 
 import grpc
 
+from bench import report
 from bench.harness import (
     PLUGIN_PATH_ENV,
     REFERENCE_DIR,
@@ -1154,20 +1155,11 @@ def rows(fig: IpamFigures) -> list[IpamRow]:
 
 
 def markdown_table(table: list[IpamRow]) -> str:
-    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-    lines += ["| " + " | ".join(row.cells()) + " |" for row in table]
-    return "\n".join(lines)
+    return report.markdown_table(table, HEADER)
 
 
 def text_table(table: list[IpamRow]) -> str:
-    cells = [HEADER] + [[c.replace("**", "").replace("`", "") for c in r.cells()] for r in table]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(HEADER))]
-    fmt = [
-        line[0].ljust(widths[0])
-        + "".join("  " + c.rjust(w) for c, w in zip(line[1:], widths[1:], strict=True))
-        for line in cells
-    ]
-    return "\n".join([fmt[0], "-" * len(fmt[0]), *fmt[1:]])
+    return report.text_table(table, HEADER)
 
 
 def details(fig: IpamFigures) -> list[str]:

@@ -8,8 +8,10 @@ import platform
 import re
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from bench.cni_bench import Figures, p50, p90
 from bench.harness import REPO, SHIM
@@ -93,15 +95,22 @@ def rows(fig: Figures) -> list[Row]:
 HEADER = ["figure", "moor", "reference", "ratio", "target", "met?"]
 
 
-def markdown_table(table: list[Row]) -> str:
-    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+class TableRow(Protocol):
+    def cells(self) -> list[str]: ...
+
+
+def markdown_table(table: Sequence[TableRow], header: list[str] = HEADER) -> str:
+    """Any bench table whose rows have `cells()`: the CNI one, and the IPAM part's."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row.cells()) + " |" for row in table]
     return "\n".join(lines)
 
 
-def text_table(table: list[Row]) -> str:
-    cells = [HEADER] + [[c.replace("**", "") for c in row.cells()] for row in table]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(HEADER))]
+def text_table(table: Sequence[TableRow], header: list[str] = HEADER) -> str:
+    """The same table for a terminal: aligned, without markdown emphasis or code marks."""
+    plain = [[c.replace("**", "").replace("`", "") for c in row.cells()] for row in table]
+    cells = [header, *plain]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(header))]
     fmt = [
         line[0].ljust(widths[0])
         + "".join("  " + c.rjust(w) for c, w in zip(line[1:], widths[1:], strict=True))

@@ -28,7 +28,7 @@ from ipamd.errors import NetworkExhausted, RequestedIPUnavailable
 from ipamd.leases import SubnetLeaseManager
 from ipamd.model import Allocation, IPAddress, IPNetwork, Owner
 from ipamd.store.base import Compare, Delete, KeyValue, Put, Store
-from ipamd.store.keys import Keys
+from ipamd.store.keys import Keys, covering_prefixes
 
 log = logging.getLogger(__name__)
 TXN_RETRIES = 16
@@ -170,7 +170,7 @@ class NodeAllocator:
         state, not all of it (callers still filter by subnet membership)."""
         return [
             kv
-            for prefix in sorted({prefix_for(subnet) for subnet in subnets})
+            for prefix in covering_prefixes(prefix_for(subnet) for subnet in subnets)
             for kv in self.store.list_prefix(prefix)[0]
         ]
 

@@ -74,7 +74,6 @@ class AwaitingNetwork:
     network, so a DEL has nothing to release.
     """
 
-    journal = None
     network = ""
 
     def __init__(self, node: str) -> None:
@@ -267,11 +266,10 @@ class Daemon:
     def _replay_journal(self) -> None:
         """Apply DELs journaled while the store was away, soon after it returns."""
         while not self._stop.wait(JOURNAL_RETRY):
-            if self.ipam.journal is not None and len(self.ipam.journal):
-                try:
-                    self.ipam.replay_journal()
-                except Exception:
-                    log.exception("replaying the release journal failed")
+            try:
+                self.ipam.replay_journal()  # nothing pending: nothing to do
+            except Exception:
+                log.exception("replaying the release journal failed")
 
     def stop(self) -> None:
         self._stop.set()

@@ -234,7 +234,7 @@ class SubnetLeaseManager:
         return True
 
     def _reclaim(self) -> None:
-        self._lease_id = self.store.grant_lease(self.ttl)
+        self._ensure_store_lease()  # a retry after a partial failure reuses the lease it granted
         for subnet in list(self._lost):
             lease = self._lease_record(subnet)
             if self.store.create(self.keys.subnet(subnet), lease.to_json(), lease=self._lease_id):

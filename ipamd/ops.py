@@ -22,7 +22,7 @@ from ipamd.allocator import TXN_RETRIES, NodeAllocator, free_ip_ops, release_han
 from ipamd.errors import ConfigMismatch, IpamError
 from ipamd.model import Allocation, IPAddress, IPNetwork, NetworkConfig, SubnetLease
 from ipamd.store.base import Compare, Delete, KeyValue, Store
-from ipamd.store.keys import Keys
+from ipamd.store.keys import Keys, covering_prefixes
 
 log = logging.getLogger(__name__)
 
@@ -85,15 +85,6 @@ class NodeRemoval:
     subnets: list[IPNetwork]
     ips_freed: int
     released_cleared: int
-
-
-def covering_prefixes(prefixes: Iterable[str]) -> list[str]:
-    """The prefixes without those another one already covers, so no key is listed twice."""
-    out: list[str] = []
-    for prefix in sorted(set(prefixes)):
-        if not out or not prefix.startswith(out[-1]):
-            out.append(prefix)
-    return out
 
 
 class SubnetIndex:

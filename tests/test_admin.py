@@ -25,9 +25,9 @@ from ipamd.allocator import NodeAllocator
 from ipamd.errors import ConfigMismatch, NetworkExhausted
 from ipamd.leases import SubnetLeaseManager
 from ipamd.model import NetworkConfig, Owner
-from ipamd.ops import MAX_TXN_KEYS, ClusterOps, Conflict, NotFound, Refused, covering_prefixes
+from ipamd.ops import MAX_TXN_KEYS, ClusterOps, Conflict, NotFound, Refused
 from ipamd.store.base import Put, Store
-from ipamd.store.keys import Keys
+from ipamd.store.keys import Keys, covering_prefixes
 from ipamd.store.open import open_store
 from ipamd.store.sqlite import SqliteStore
 from tests.conftest import start_daemon

@@ -25,6 +25,7 @@ raises: keys come from a shared store that other versions and humans can write t
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 
 IPAddress = IPv4Address | IPv6Address
@@ -100,6 +101,15 @@ def _common_text(subnet: IPNetwork) -> str:
     while common < min(len(first), len(last)) and first[common] == last[common]:
         common += 1
     return first[:common]
+
+
+def covering_prefixes(prefixes: Iterable[str]) -> list[str]:
+    """The prefixes without those another one already covers, so no key is listed twice."""
+    out: list[str] = []
+    for prefix in sorted(set(prefixes)):
+        if not out or not prefix.startswith(out[-1]):
+            out.append(prefix)
+    return out
 
 
 class Keys:
