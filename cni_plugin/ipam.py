@@ -1,13 +1,19 @@
-"""Maps IPAM failures onto CNI error codes, in one place.
+"""The IPAM port: what the CNI verbs need from an IP address manager, in the CNI layer's own terms.
 
-The CNI handlers call the node's IPAM in-process (they run inside moor-ipamd); whatever it raises
-crosses this boundary as a CNIError with the code documented in SPEC-NOTES.md.
+The verbs run warm inside moor-ipamd, whose node IPAM implements this port (`ipamd/cni_port.py`):
+the CNI layer declares the calls and the errors, the daemon maps its store and lease errors onto
+them. So `cni_plugin` never imports the daemon, and a test can drive the verbs over any IPAM.
+
+Every error an implementation raises is an `IpamError` carrying the CNI code of SPEC-NOTES.md; the
+protocol layer's one exception table (`cni_plugin.errors.to_cni_error`) passes it on as is.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+import ipaddress
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
 
 from cni_plugin.errors import (
     INVALID_NETWORK_CONFIG,
@@ -15,21 +21,94 @@ from cni_plugin.errors import (
     TRY_AGAIN_LATER,
     CNIError,
 )
-from ipamd.errors import NetworkExhausted, NoLease, RequestedIPUnavailable
-from ipamd.store.base import StoreUnavailable
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-@contextmanager
-def ipam_errors() -> Iterator[None]:
-    try:
-        yield
-    except NetworkExhausted as exc:
-        raise CNIError(POOL_EXHAUSTED, f"no IP addresses available: {exc}") from exc
-    except RequestedIPUnavailable as exc:
-        raise CNIError(
-            INVALID_NETWORK_CONFIG, f"failed to allocate all requested IPs: {exc}"
-        ) from exc
-    except NoLease as exc:
-        raise CNIError(TRY_AGAIN_LATER, str(exc)) from exc
-    except StoreUnavailable as exc:
-        raise CNIError(TRY_AGAIN_LATER, f"IPAM store is unreachable: {exc}") from exc
+class IpamError(CNIError):
+    """Base of the port's errors: a CNIError, so its code reaches the runtime unchanged."""
+
+    code_of_class = TRY_AGAIN_LATER
+
+    def __init__(self, msg: str) -> None:
+        super().__init__(self.code_of_class, msg)
+
+
+class AddressesExhausted(IpamError):
+    """No free address in the node's subnets and no free subnet left in the cluster network."""
+
+    code_of_class = POOL_EXHAUSTED
+
+
+class RequestedAddressUnavailable(IpamError):
+    """The one address the request named cannot be given (taken, or not this node's)."""
+
+    code_of_class = INVALID_NETWORK_CONFIG
+
+
+class IpamUnavailable(IpamError):
+    """Transient: the store is unreachable, the node holds no subnet, or it is re-asserting."""
+
+    code_of_class = TRY_AGAIN_LATER
+
+
+@dataclass(frozen=True)
+class AttachmentOwner:
+    """Who asks for an address: the CNI attachment and, when the runtime said, its pod."""
+
+    network: str
+    container_id: str
+    ifname: str
+    pod_namespace: str = ""
+    pod_name: str = ""
+    pod_uid: str = ""
+
+
+@dataclass(frozen=True)
+class AddressRequest:
+    owner: AttachmentOwner
+    netns: str = ""
+    netns_inode: int = 0
+    host_veth: str = ""  # empty in IPAM-plugin mode: the delegating plugin owns the link
+    requested: IPAddress | None = None
+
+
+@dataclass(frozen=True)
+class AssignedAddress:
+    """An address held by an attachment; `existed` when the attachment held it before the call."""
+
+    interface: IPInterface
+    gateway: IPAddress
+    existed: bool = False
+
+
+class IpamPort(Protocol):
+    @property
+    def network(self) -> IPNetwork:
+        """The cluster pod network (what masquerade leaves alone)."""
+        ...
+
+    def allocate(self, request: AddressRequest) -> AssignedAddress: ...
+
+    def release(self, network: str, container_id: str, ifname: str) -> None:
+        """Free what the attachment holds, owner-checked; nothing held is not an error."""
+        ...
+
+    def lookup(self, network: str, container_id: str, ifname: str) -> AssignedAddress | None: ...
+
+    def not_ready_reason(self) -> str | None:
+        """Why ADD cannot be served at all right now (STATUS answers 50), or None."""
+        ...
+
+    def collect_garbage(
+        self,
+        network: str,
+        keep: frozenset[tuple[str, str]],
+        before_release: Callable[[str], object],
+    ) -> list[str]:
+        """Release every attachment of `network` whose (container ID, ifname) is not in `keep`,
+        calling `before_release(host_veth)` first for those that have one. Returns one line per
+        failure; it goes on past failures."""
+        ...

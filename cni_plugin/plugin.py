@@ -18,9 +18,8 @@ from collections.abc import Callable
 from contextlib import ExitStack
 
 from cni_plugin.datapath import bridge as br
-from cni_plugin.datapath import veth
+from cni_plugin.datapath import inventory, veth
 from cni_plugin.datapath.errors import LinkExists, LinkNotFound, PodInterfaceExists
-from cni_plugin.datapath.inventory import lookup_bridge
 from cni_plugin.datapath.masq import MasqueradeRules
 from cni_plugin.datapath.netns import netns_inode
 from cni_plugin.errors import (
@@ -34,12 +33,10 @@ from cni_plugin.errors import (
     UNKNOWN_CONTAINER,
     CNIError,
 )
-from cni_plugin.ipam import ipam_errors
+from cni_plugin.ipam import AddressRequest, AssignedAddress, AttachmentOwner, IpamPort
 from cni_plugin.netconf import NetConf, ci_get
 from cni_plugin.result import Interface, IPConfig, Result, Route
 from cni_plugin.skel import Request
-from ipamd.model import Allocation, Owner
-from ipamd.node import NodeIpam
 
 log = logging.getLogger(__name__)
 DEFAULT_V4 = ipaddress.ip_network("0.0.0.0/0")
@@ -50,7 +47,7 @@ FaultHook = Callable[[str, Request], None]
 class MoorPlugin:
     def __init__(
         self,
-        ipam: NodeIpam,
+        ipam: IpamPort,
         masq: MasqueradeRules,
         *,
         own_netns_inode: int,
@@ -84,11 +81,28 @@ class MoorPlugin:
             )
         return req.netns_fd
 
-    def _owner(self, req: Request) -> Owner:
+    def _allocate(self, req: Request, netns_inode: int, host_veth: str = "") -> AssignedAddress:
+        """The attachment's address; a second ADD of the same attachment is code 101."""
         a = req.args
-        return Owner(
+        owner = AttachmentOwner(
             req.conf.name, req.container_id, req.ifname, a.pod_namespace, a.pod_name, a.pod_uid
         )
+        assigned = self.ipam.allocate(
+            AddressRequest(
+                owner,
+                netns=req.netns,
+                netns_inode=netns_inode,
+                host_veth=host_veth,
+                requested=self._requested_ip(req),
+            )
+        )
+        if assigned.existed:
+            raise CNIError(
+                DUPLICATE_ATTACHMENT,
+                f"{req.container_id}/{req.ifname} already holds {assigned.interface.ip} on "
+                f"network {req.conf.name}; duplicate ADD is not allowed",
+            )
+        return assigned
 
     def _requested_ip(self, req: Request) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         """runtimeConfig.ips > args.cni.ips > CNI_ARGS IP= (the CONVENTIONS precedence); one IP."""
@@ -111,7 +125,7 @@ class MoorPlugin:
                 INVALID_NETWORK_CONFIG, f"invalid requested IP {candidates[0]!r}"
             ) from exc
 
-    def _routes(self, conf: NetConf, alloc: Allocation) -> list[Route]:
+    def _routes(self, conf: NetConf, alloc: AssignedAddress) -> list[Route]:
         routes = list(conf.ipam.routes) if conf.ipam else []
         if (
             conf.mode == "main"
@@ -124,7 +138,7 @@ class MoorPlugin:
         return routes
 
     def _ensure_bridge(
-        self, conf: NetConf, alloc: Allocation | None, *, fresh: bool = False
+        self, conf: NetConf, alloc: AssignedAddress | None, *, fresh: bool = False
     ) -> br.LinkInfo:
         """The bridge (and the allocation's gateway on it), from cache on the hot path.
 
@@ -138,7 +152,7 @@ class MoorPlugin:
             with self._lock:
                 self._bridges[key] = bridge
         if alloc is not None and conf.is_gateway:
-            gw = ipaddress.ip_interface(f"{alloc.gateway}/{alloc.subnet.prefixlen}")
+            gw = ipaddress.ip_interface(f"{alloc.gateway}/{alloc.interface.network.prefixlen}")
             done = (conf.bridge, bridge.index, str(gw))
             if fresh or done not in self._gateways_done:
                 br.ensure_bridge_address(conf.bridge, gw)
@@ -185,23 +199,10 @@ class MoorPlugin:
         conf = req.conf
         fd = self._require_netns(req)
         host_name = veth.host_veth_name(req.container_id, req.ifname)
-        alloc: Allocation | None = None
+        alloc: AssignedAddress | None = None
         with ExitStack() as undo:
             if conf.ipam is not None:
-                with ipam_errors():
-                    alloc, existed = self.ipam.allocate(
-                        self._owner(req),
-                        netns=req.netns,
-                        netns_inode=netns_inode(fd),
-                        host_veth=host_name,
-                        requested=self._requested_ip(req),
-                    )
-                if existed:
-                    raise CNIError(
-                        DUPLICATE_ATTACHMENT,
-                        f"{req.container_id}/{req.ifname} already holds {alloc.ip} on network "
-                        f"{conf.name}; duplicate ADD is not allowed",
-                    )
+                alloc = self._allocate(req, netns_inode(fd), host_name)
                 undo.callback(self._release_quietly, conf.name, req.container_id, req.ifname)
             bridge = self._ensure_bridge(conf, alloc)
             self._fault("after-ipam", req)
@@ -259,18 +260,7 @@ class MoorPlugin:
         )
 
     def _ipam_add(self, req: Request) -> Result:
-        with ipam_errors():
-            alloc, existed = self.ipam.allocate(
-                self._owner(req),
-                netns=req.netns,
-                netns_inode=netns_inode(req.netns_fd) if req.netns_fd is not None else 0,
-                requested=self._requested_ip(req),
-            )
-        if existed:
-            raise CNIError(
-                DUPLICATE_ATTACHMENT,
-                f"{req.container_id}/{req.ifname} already holds {alloc.ip} on network {req.conf.name}",
-            )
+        alloc = self._allocate(req, netns_inode(req.netns_fd) if req.netns_fd is not None else 0)
         return Result(
             ips=[IPConfig(alloc.interface, alloc.gateway)], routes=self._routes(req.conf, alloc)
         )
@@ -294,8 +284,7 @@ class MoorPlugin:
         if conf.mode == "main":
             veth.delete_host_veth_if_exists(veth.host_veth_name(req.container_id, req.ifname))
         if conf.ipam is not None:
-            with ipam_errors():
-                self.ipam.release(conf.name, req.container_id, req.ifname)
+            self.ipam.release(conf.name, req.container_id, req.ifname)
 
     # ---- CHECK -----------------------------------------------------------------------------
     def check(self, req: Request) -> None:
@@ -315,7 +304,7 @@ class MoorPlugin:
         if conf.mode == "ipam":
             return
         fd = self._require_netns(req)
-        pod = veth.inspect_pod_interface(fd, req.ifname)
+        pod = inventory.inspect_pod_interface(fd, req.ifname)
         if pod is None:
             raise CNIError(CHECK_FAILED, f"interface {req.ifname} is missing in {req.netns}")
         want = next((i for i in prev.interfaces if i.name == req.ifname and i.sandbox), None)
@@ -338,10 +327,10 @@ class MoorPlugin:
                     CHECK_FAILED, f"route to {route.dst} via {gw} is missing in {req.netns}"
                 )
         host_name = veth.host_veth_name(req.container_id, req.ifname)
-        host = veth.inspect_host_veth(host_name)
+        host = inventory.inspect_host_veth(host_name)
         if host is None:
             raise CNIError(CHECK_FAILED, f"host veth {host_name} is missing")
-        bridge = lookup_bridge(conf.bridge)
+        bridge = inventory.lookup_bridge(conf.bridge)
         if bridge is None:
             raise CNIError(CHECK_FAILED, f"bridge {conf.bridge} is missing")
         if host.master_index != bridge.index:
@@ -358,32 +347,22 @@ class MoorPlugin:
             raise CNIError(PLUGIN_NOT_AVAILABLE, reason)
 
     def gc(self, req: Request) -> None:
-        """Release every allocation of this network not in the valid attachments.
-
-        No attachments key at all means the runtime told us nothing: release nothing (see SPEC-NOTES).
-        """
-        if req.valid_attachments is None or req.conf.ipam is None:
-            if req.valid_attachments is None:
-                log.warning(
-                    "GC for %s without cni.dev/valid-attachments: nothing released", req.conf.name
-                )
+        """Release every allocation of this network not in the valid attachments (deleting its
+        host veth first). No attachments key at all means the runtime told us nothing: release
+        nothing (see SPEC-NOTES)."""
+        if req.valid_attachments is None:
+            log.warning(
+                "GC for %s without cni.dev/valid-attachments: nothing released", req.conf.name
+            )
             return
-        valid = {(a.container_id, a.ifname) for a in req.valid_attachments}
-        failures = []
-        for alloc in self.ipam.allocations(req.conf.name):
-            if (alloc.owner.container_id, alloc.owner.ifname) in valid:
-                continue
-            try:
-                if req.conf.mode == "main" and alloc.host_veth:
-                    veth.delete_host_veth_if_exists(alloc.host_veth)
-                self.ipam.release(*alloc.owner.handle)
-                log.info(
-                    "GC released %s of %s/%s",
-                    alloc.ip,
-                    alloc.owner.container_id,
-                    alloc.owner.ifname,
-                )
-            except Exception as exc:  # noqa: BLE001 - GC continues past failures and reports them all
-                failures.append(f"{alloc.ip}: {exc}")
+        if req.conf.ipam is None:
+            return
+        keep = frozenset((a.container_id, a.ifname) for a in req.valid_attachments)
+        delete_veth = veth.delete_host_veth_if_exists if req.conf.mode == "main" else _keep_link
+        failures = self.ipam.collect_garbage(req.conf.name, keep, delete_veth)
         if failures:
             raise CNIError(TRY_AGAIN_LATER, "GC could not release: " + "; ".join(failures))
+
+
+def _keep_link(host_veth: str) -> None:
+    """IPAM-plugin mode: the delegating plugin owns the link, GC only frees the address."""

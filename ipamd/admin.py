@@ -8,37 +8,17 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import logging
 from collections.abc import Iterator
 
 import grpc
 
 from ipamd.api.v1 import ipam_pb2, ipam_pb2_grpc
-from ipamd.errors import ConfigMismatch
+from ipamd.grpc_status import abort
 from ipamd.model import NetworkConfig
-from ipamd.ops import ClusterOps, Conflict, NotFound, Refused, SubnetUsage
+from ipamd.ops import ClusterOps, SubnetUsage
 from ipamd.service import allocation_pb
-from ipamd.store.base import StoreUnavailable
 
-log = logging.getLogger(__name__)
 PAGE = 1000  # allocations per ListAllocations message: 200k records stream in bounded messages
-
-STATUS_OF: list[tuple[type[Exception], grpc.StatusCode]] = [
-    (NotFound, grpc.StatusCode.NOT_FOUND),
-    (Refused, grpc.StatusCode.FAILED_PRECONDITION),
-    (Conflict, grpc.StatusCode.FAILED_PRECONDITION),
-    (ConfigMismatch, grpc.StatusCode.FAILED_PRECONDITION),
-    (StoreUnavailable, grpc.StatusCode.UNAVAILABLE),
-    (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
-]
-
-
-def abort(context: grpc.ServicerContext, exc: Exception) -> None:
-    for kind, code in STATUS_OF:
-        if isinstance(exc, kind):
-            context.abort(code, str(exc))
-    log.error("Admin RPC failed", exc_info=exc)
-    context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc}")
 
 
 def config_pb(c: NetworkConfig) -> ipam_pb2.NetworkConfig:

@@ -20,98 +20,17 @@ import json
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from ipamd.errors import NetworkExhausted, RequestedIPUnavailable
 from ipamd.leases import SubnetLeaseManager
 from ipamd.model import Allocation, IPAddress, IPNetwork, Owner
+from ipamd.pool import PoolStatus, SubnetPool
+from ipamd.release import TXN_RETRIES, release_handle
 from ipamd.store.base import Compare, Delete, KeyValue, Put, Store
 from ipamd.store.keys import Keys, covering_prefixes
 
 log = logging.getLogger(__name__)
-TXN_RETRIES = 16
-
-
-@dataclass
-class SubnetPool:
-    """One leased subnet's free set. `cursor` walks never-used addresses; `released` is the FIFO."""
-
-    subnet: IPNetwork
-    used: set[IPAddress] = field(default_factory=set)
-    pending: set[IPAddress] = field(default_factory=set)
-    released: deque[tuple[IPAddress, float]] = field(default_factory=deque)
-    released_ips: set[IPAddress] = field(default_factory=set)  # what `released` holds, to test fast
-    cursor: int = 0
-
-    def __post_init__(self) -> None:
-        self.cursor = self.first
-
-    @property
-    def gateway(self) -> IPAddress:
-        return self.subnet.network_address + 1
-
-    @property
-    def first(self) -> int:
-        return int(self.subnet.network_address) + 2
-
-    @property
-    def last(self) -> int:
-        # IPv4 skips broadcast; IPv6 has none.
-        return int(self.subnet.broadcast_address) - (1 if self.subnet.version == 4 else 0)
-
-    @property
-    def total(self) -> int:
-        return max(0, self.last - self.first + 1)
-
-    def usable(self, ip: IPAddress) -> bool:
-        return ip in self.subnet and self.first <= int(ip) <= self.last
-
-    def take_fresh(self) -> IPAddress | None:
-        while self.cursor <= self.last:
-            ip = ipaddress.ip_address(self.cursor)
-            self.cursor += 1
-            if ip not in self.used and ip not in self.pending and ip not in self.released_ips:
-                return ip
-        return None
-
-    def push_released(self, ip: IPAddress, at: float, *, front: bool = False) -> None:
-        if front:
-            self.released.appendleft((ip, at))
-        else:
-            self.released.append((ip, at))
-        self.released_ips.add(ip)
-
-    def take_released(self, now: float, cooldown: float, force: bool = False) -> IPAddress | None:
-        while self.released:
-            ip, at = self.released[0]
-            if ip in self.used or ip in self.pending:
-                self.released.popleft()
-                self.released_ips.discard(ip)
-                continue
-            if force or now - at >= cooldown:
-                self.released.popleft()
-                self.released_ips.discard(ip)
-                return ip
-            return None
-        return None
-
-    def cooling(self, now: float, cooldown: float) -> int:
-        return sum(1 for ip, at in self.released if now - at < cooldown and ip not in self.used)
-
-
-@dataclass(frozen=True)
-class PoolStatus:
-    subnet: IPNetwork
-    gateway: IPAddress
-    total: int
-    used: int
-    cooling: int
-
-    @property
-    def free(self) -> int:
-        return self.total - self.used - self.cooling
 
 
 class NodeAllocator:
@@ -299,9 +218,7 @@ class NodeAllocator:
             )
         if ip in pool.used or ip in pool.pending:
             raise RequestedIPUnavailable(f"requested IP {ip} is already allocated")
-        pool.released = deque((r, at) for r, at in pool.released if r != ip)
-        pool.released_ips.discard(ip)
-        pool.pending.add(ip)
+        pool.take_specific(ip)
         return ip, pool
 
     def _load_handle(self, owner: Owner) -> Allocation | None:
@@ -405,60 +322,3 @@ class NodeAllocator:
                 PoolStatus(p.subnet, p.gateway, p.total, len(p.used), p.cooling(now, self.cooldown))
                 for p in sorted(self._pools.values(), key=lambda p: int(p.subnet.network_address))
             ]
-
-
-# ---- release, shared with the Admin service's cluster-wide operations (ipamd/ops.py) ----------
-def free_ip_ops(
-    keys: Keys, ip: IPAddress, mod_revision: int, *, node: str, now: float
-) -> tuple[list[Compare], list[Put | Delete]]:
-    """The IP half of every release txn: the record is unchanged; delete it; start its cooldown."""
-    return [Compare(keys.ip(ip), mod_revision)], [
-        Delete(keys.ip(ip)),
-        Put(keys.released(ip), json.dumps({"releasedAt": now, "node": node}).encode()),
-    ]
-
-
-def release_handle(
-    store: Store,
-    keys: Keys,
-    handle: tuple[str, str, str],
-    *,
-    node: str,
-    clock: Callable[[], float] = time.time,
-) -> Allocation | None:
-    """Free the IP `handle` holds in one txn comparing the handle's and the IP record's revisions.
-
-    None if the handle held nothing. A handle whose IP now belongs to someone else loses only the
-    handle, so a stale release never frees another pod's IP. `node` is who released (recorded).
-    """
-    handle_key = keys.handle(*handle)
-    for _ in range(TXN_RETRIES):
-        hkv = store.get(handle_key)
-        if hkv is None:
-            return None
-        try:
-            ip = ipaddress.ip_address(hkv.value.decode())
-        except ValueError:
-            ip = None
-        compares = [Compare(handle_key, hkv.mod_revision)]
-        ops: list[Put | Delete] = [Delete(handle_key)]
-        alloc = None
-        if ip is not None and (ikv := store.get(keys.ip(ip))) is not None:
-            candidate = Allocation.from_json(ip, ikv.value)
-            if candidate.owner.handle == handle:
-                alloc = candidate
-                more_compares, more_ops = free_ip_ops(
-                    keys, ip, ikv.mod_revision, node=node, now=clock()
-                )
-                compares += more_compares
-                ops += more_ops
-            else:
-                log.warning(
-                    "handle %s points at %s, which %s now holds: dropping only the handle",
-                    handle,
-                    ip,
-                    candidate.owner.handle,
-                )
-        if store.txn(compares, ops).succeeded:
-            return alloc
-    raise RuntimeError(f"release of {handle} kept conflicting")

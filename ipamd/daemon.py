@@ -25,7 +25,8 @@ from cni_plugin.plugin import MoorPlugin
 from cni_plugin.skel import Reply, Request
 from cni_plugin.wire import WireRequest
 from ipamd.admin import AdminServicer
-from ipamd.allocator import NodeAllocator, PoolStatus
+from ipamd.allocator import NodeAllocator
+from ipamd.cni_port import NodeIpamPort
 from ipamd.cni_server import CniEndpoint
 from ipamd.config import DaemonConfig
 from ipamd.errors import NoLease
@@ -34,8 +35,9 @@ from ipamd.leakgc import LeakCollector
 from ipamd.leases import SubnetLeaseManager
 from ipamd.metrics import Metrics
 from ipamd.model import Allocation, NetworkConfig
-from ipamd.node import NodeIpam
+from ipamd.node import GarbageReport, NodeIpam
 from ipamd.ops import NO_NETWORK, ClusterOps
+from ipamd.pool import PoolStatus
 from ipamd.server import GrpcServer
 from ipamd.service import IpamServicer
 from ipamd.spool import replay_spool
@@ -100,6 +102,9 @@ class AwaitingNetwork:
     def pools(self) -> list[PoolStatus]:
         return []
 
+    def collect_garbage(self, *args: object) -> GarbageReport:
+        return GarbageReport()
+
     def replay_journal(self) -> int:
         return 0
 
@@ -138,7 +143,7 @@ class Daemon:
         )
         self.ipam = self._initial_ipam()
         self.plugin = MoorPlugin(
-            self.ipam,
+            NodeIpamPort(self.ipam),  # type: ignore[arg-type]  # IpamSwitch stands in for NodeIpam
             MasqueradeRules(cfg.masq_chain),
             own_netns_inode=os.stat("/proc/self/ns/net").st_ino,
             fault_hook=fault_hook if cfg.enable_fault_injection else None,

@@ -21,3 +21,15 @@ class RequestedIPUnavailable(IpamError):
 
 class ConfigMismatch(IpamError):
     """The store's network config disagrees with this daemon's flags."""
+
+
+class NotFound(IpamError):
+    """No such IP, handle, node or network config."""
+
+
+class Refused(IpamError):
+    """The operation would break something (e.g. removing the node the daemon itself runs as)."""
+
+
+class Conflict(IpamError):
+    """The state changed under the operation; nothing was freed. Look again and retry."""

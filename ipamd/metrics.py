@@ -1,7 +1,7 @@
 """moor-ipamd's Prometheus metrics, on a private registry served over HTTP (`--metrics-addr`).
 
 Counters and histograms are updated where things happen (allocation in NodeIpam, CNI requests in
-Daemon.handle, store errors in `CountingStore`); the address and subnet gauges are computed at
+Daemon.handle, store errors in `ipamd.store.counting.CountingStore`); the address and subnet gauges are computed at
 scrape time from the allocator and the store, so they are never stale. The registry is private, so
 several daemons (or tests) in one process never share a series.
 
@@ -10,14 +10,12 @@ Only the daemon imports this module: bin/moor, the CNI shim, stays stdlib-only.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Concatenate, ParamSpec, TypeVar
+from typing import TYPE_CHECKING
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
@@ -27,15 +25,10 @@ from ipamd.config import split_host_port
 from ipamd.errors import NetworkExhausted, NoLease
 from ipamd.model import IPNetwork, NetworkConfig
 from ipamd.store.base import (
-    Compare,
-    Delete,
-    KeyValue,
-    Put,
     Store,
     StoreError,
-    TxnResult,
-    WatchEvent,
 )
+from ipamd.store.counting import STORE_OPS, CountingStore
 
 if TYPE_CHECKING:
     from cni_plugin.skel import Reply
@@ -63,24 +56,6 @@ LATENCY_BUCKETS = (
 )
 CNI_VERBS = ("ADD", "DEL", "CHECK", "GC", "STATUS", "VERSION")
 FAILURE_REASONS = ("exhausted", "unavailable", "other")
-STORE_OPS = (
-    "get",
-    "list_prefix",
-    "put",
-    "create",
-    "compare_and_swap",
-    "compare_and_delete",
-    "delete",
-    "txn",
-    "revision",
-    "grant_lease",
-    "refresh_lease",
-    "revoke_lease",
-    "lease_ttl_remaining",
-    "watch",
-    "ping",
-    "close",
-)
 
 
 class MetricsServerError(Exception):
@@ -258,105 +233,3 @@ def _in_network(config: NetworkConfig, subnet: IPNetwork) -> bool:
         and subnet.prefixlen == config.subnet_len
         and subnet.subnet_of(config.network)  # type: ignore[arg-type]
     )
-
-
-# ---- store errors -------------------------------------------------------------------------
-P = ParamSpec("P")
-R = TypeVar("R")
-
-
-def _counted(
-    method: Callable[Concatenate[CountingStore, P], R],
-) -> Callable[Concatenate[CountingStore, P], R]:
-    op = method.__name__
-
-    @functools.wraps(method)
-    def wrapper(self: CountingStore, *args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return method(self, *args, **kwargs)
-        except StoreError:
-            self.on_error(op)
-            raise
-
-    return wrapper
-
-
-class CountingStore:
-    """A `Store` that reports every StoreError its backend raises (by method) and re-raises it."""
-
-    def __init__(self, store: Store, on_error: Callable[[str], None]) -> None:
-        self.store = store
-        self.on_error = on_error
-
-    @_counted
-    def get(self, key: str) -> KeyValue | None:
-        return self.store.get(key)
-
-    @_counted
-    def list_prefix(self, prefix: str) -> tuple[list[KeyValue], int]:
-        return self.store.list_prefix(prefix)
-
-    @_counted
-    def put(self, key: str, value: bytes, lease: int = 0) -> int:
-        return self.store.put(key, value, lease)
-
-    @_counted
-    def create(self, key: str, value: bytes, lease: int = 0) -> bool:
-        return self.store.create(key, value, lease)
-
-    @_counted
-    def compare_and_swap(self, key: str, value: bytes, mod_revision: int, lease: int = 0) -> bool:
-        return self.store.compare_and_swap(key, value, mod_revision, lease)
-
-    @_counted
-    def compare_and_delete(self, key: str, mod_revision: int) -> bool:
-        return self.store.compare_and_delete(key, mod_revision)
-
-    @_counted
-    def delete(self, key: str) -> bool:
-        return self.store.delete(key)
-
-    @_counted
-    def txn(self, compares: Sequence[Compare], ops: Sequence[Put | Delete]) -> TxnResult:
-        return self.store.txn(compares, ops)
-
-    @_counted
-    def revision(self) -> int:
-        return self.store.revision()
-
-    @_counted
-    def grant_lease(self, ttl: float) -> int:
-        return self.store.grant_lease(ttl)
-
-    @_counted
-    def refresh_lease(self, lease_id: int) -> float:
-        return self.store.refresh_lease(lease_id)
-
-    @_counted
-    def revoke_lease(self, lease_id: int) -> None:
-        self.store.revoke_lease(lease_id)
-
-    @_counted
-    def lease_ttl_remaining(self, lease_id: int) -> float | None:
-        return self.store.lease_ttl_remaining(lease_id)
-
-    @_counted
-    def watch(
-        self, prefix: str, start_revision: int, stop: threading.Event
-    ) -> Iterator[WatchEvent]:
-        return self._watch(self.store.watch(prefix, start_revision, stop))
-
-    def _watch(self, events: Iterator[WatchEvent]) -> Iterator[WatchEvent]:
-        try:
-            yield from events
-        except StoreError:
-            self.on_error("watch")
-            raise
-
-    @_counted
-    def ping(self) -> None:
-        self.store.ping()
-
-    @_counted
-    def close(self) -> None:
-        self.store.close()

@@ -9,20 +9,34 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
-from typing import TYPE_CHECKING
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from typing import Protocol
 
-from ipamd.allocator import NodeAllocator, PoolStatus
+from ipamd.allocator import NodeAllocator
 from ipamd.errors import NoLease
 from ipamd.journal import ReleaseJournal
 from ipamd.leases import SubnetLeaseManager
 from ipamd.model import Allocation, IPAddress, IPNetwork, Owner
+from ipamd.pool import PoolStatus
 from ipamd.store.base import Store, StoreError, StoreUnavailable
 
-if TYPE_CHECKING:
-    from ipamd.metrics import Metrics
-
 log = logging.getLogger(__name__)
+
+
+class AllocationTimer(Protocol):
+    """What NodeIpam reports to (the daemon's Metrics): how long each allocation took, and why
+    it failed."""
+
+    def time_allocation(self) -> AbstractContextManager[None]: ...
+
+
+@dataclass
+class GarbageReport:
+    """What one GC released, and one line per attachment it could not release."""
+
+    released: list[Allocation] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
 
 
 class NodeIpam:
@@ -32,7 +46,7 @@ class NodeIpam:
         node: str,
         leases: SubnetLeaseManager,
         allocator: NodeAllocator,
-        metrics: Metrics | None = None,
+        metrics: AllocationTimer | None = None,
         *,
         journal: ReleaseJournal | None = None,
         store_grace: float = 30.0,
@@ -118,6 +132,29 @@ class NodeIpam:
         if self.allocator.stored(alloc) is None:
             return False
         return self.allocator.release(*alloc.owner.handle) is not None
+
+    def collect_garbage(
+        self,
+        network: str,
+        keep: frozenset[tuple[str, str]] | set[tuple[str, str]],
+        before_release: Callable[[str], object] | None = None,
+    ) -> GarbageReport:
+        """The one GC path (CNI GC and the gRPC GC): release every allocation of `network` whose
+        (container ID, ifname) is not in `keep`, each owner-checked; `before_release(host_veth)`
+        runs first for those with a host veth (the CNI GC deletes it). Goes on past failures."""
+        report = GarbageReport()
+        for alloc in self.allocations(network):
+            if (alloc.owner.container_id, alloc.owner.ifname) in keep:
+                continue
+            try:
+                if before_release is not None and alloc.host_veth:
+                    before_release(alloc.host_veth)
+                if self.release(*alloc.owner.handle) is not None:
+                    report.released.append(alloc)
+                    log.info("GC released %s of %s", alloc.ip, "/".join(alloc.owner.handle))
+            except Exception as exc:  # noqa: BLE001 - GC goes on and reports every failure
+                report.failures.append(f"{alloc.ip}: {exc}")
+        return report
 
     def lookup(self, network: str, container_id: str, ifname: str) -> Allocation | None:
         return self.allocator.get(network, container_id, ifname)

@@ -18,9 +18,10 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import suppress
 from dataclasses import dataclass
 
-from ipamd.allocator import TXN_RETRIES, NodeAllocator, free_ip_ops, release_handle
-from ipamd.errors import ConfigMismatch, IpamError
+from ipamd.allocator import NodeAllocator
+from ipamd.errors import ConfigMismatch, Conflict, NotFound, Refused
 from ipamd.model import Allocation, IPAddress, IPNetwork, NetworkConfig, SubnetLease
+from ipamd.release import TXN_RETRIES, free_ip_ops, release_handle
 from ipamd.store.base import Compare, Delete, KeyValue, Store
 from ipamd.store.keys import Keys, covering_prefixes
 
@@ -34,18 +35,6 @@ Handle = tuple[str, str, str]
 Group = list[
     tuple[str, int]
 ]  # keys deleted together, each with the mod revision it must still have
-
-
-class NotFound(IpamError):
-    """No such IP, handle, node or network config."""
-
-
-class Refused(IpamError):
-    """The operation would break something (e.g. removing the node the daemon itself runs as)."""
-
-
-class Conflict(IpamError):
-    """The state changed under the operation; nothing was freed. Look again and retry."""
 
 
 @dataclass(frozen=True)

@@ -6,17 +6,13 @@ The only module besides the moorctl client that touches generated `_pb2` code.
 from __future__ import annotations
 
 import ipaddress
-import logging
 
 import grpc
 
 from ipamd.api.v1 import ipam_pb2, ipam_pb2_grpc
-from ipamd.errors import NetworkExhausted, NoLease, RequestedIPUnavailable
+from ipamd.grpc_status import abort
 from ipamd.model import Allocation, Owner
 from ipamd.node import NodeIpam
-from ipamd.store.base import StoreUnavailable
-
-log = logging.getLogger(__name__)
 
 
 def allocation_pb(a: Allocation) -> ipam_pb2.Allocation:
@@ -45,19 +41,6 @@ class IpamServicer(ipam_pb2_grpc.IpamServicer):
         self.ipam = ipam
         self.cooldown = cooldown
 
-    def _abort(self, context: grpc.ServicerContext, exc: Exception) -> None:
-        code = {
-            NetworkExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
-            RequestedIPUnavailable: grpc.StatusCode.FAILED_PRECONDITION,
-            NoLease: grpc.StatusCode.UNAVAILABLE,
-            StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
-            ValueError: grpc.StatusCode.INVALID_ARGUMENT,
-        }.get(type(exc))
-        if code is None:
-            log.error("IPAM RPC failed", exc_info=exc)
-            code = grpc.StatusCode.INTERNAL
-        context.abort(code, str(exc))
-
     def Allocate(
         self, request: ipam_pb2.AllocateRequest, context: grpc.ServicerContext
     ) -> ipam_pb2.AllocateResponse:
@@ -74,7 +57,7 @@ class IpamServicer(ipam_pb2_grpc.IpamServicer):
                 requested=requested,
             )
         except Exception as exc:  # noqa: BLE001 - mapped to a status code
-            self._abort(context, exc)
+            abort(context, exc)
             raise
         return ipam_pb2.AllocateResponse(allocation=allocation_pb(alloc), existed=existed)
 
@@ -85,7 +68,7 @@ class IpamServicer(ipam_pb2_grpc.IpamServicer):
         try:
             alloc = self.ipam.release(h.network, h.container_id, h.ifname)
         except Exception as exc:  # noqa: BLE001
-            self._abort(context, exc)
+            abort(context, exc)
             raise
         return ipam_pb2.ReleaseResponse(
             released=alloc is not None, ip=str(alloc.ip) if alloc else ""
@@ -101,17 +84,15 @@ class IpamServicer(ipam_pb2_grpc.IpamServicer):
         return ipam_pb2.CheckResponse(found=True, allocation=allocation_pb(alloc))
 
     def GC(self, request: ipam_pb2.GCRequest, context: grpc.ServicerContext) -> ipam_pb2.GCResponse:
-        valid = {(a.container_id, a.ifname) for a in request.valid_attachments}
-        released = []
-        try:
-            for alloc in self.ipam.allocations(request.network):
-                if (alloc.owner.container_id, alloc.owner.ifname) not in valid:
-                    if self.ipam.release(*alloc.owner.handle) is not None:
-                        released.append(str(alloc.ip))
-        except Exception as exc:  # noqa: BLE001
-            self._abort(context, exc)
-            raise
-        return ipam_pb2.GCResponse(released=released)
+        keep = {(a.container_id, a.ifname) for a in request.valid_attachments}
+        report = self.ipam.collect_garbage(request.network, keep)
+        if report.failures:
+            context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"released {len(report.released)}, could not release: "
+                + "; ".join(report.failures),
+            )
+        return ipam_pb2.GCResponse(released=[str(a.ip) for a in report.released])
 
     def Status(
         self, request: ipam_pb2.StatusRequest, context: grpc.ServicerContext

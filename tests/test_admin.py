@@ -22,10 +22,10 @@ import grpc
 import pytest
 
 from ipamd.allocator import NodeAllocator
-from ipamd.errors import ConfigMismatch, NetworkExhausted
+from ipamd.errors import ConfigMismatch, Conflict, NetworkExhausted, NotFound, Refused
 from ipamd.leases import SubnetLeaseManager
 from ipamd.model import NetworkConfig, Owner
-from ipamd.ops import MAX_TXN_KEYS, ClusterOps, Conflict, NotFound, Refused
+from ipamd.ops import MAX_TXN_KEYS, ClusterOps
 from ipamd.store.base import Put, Store
 from ipamd.store.keys import Keys, covering_prefixes
 from ipamd.store.open import open_store

@@ -22,7 +22,7 @@ from ipaddress import IPv4Interface, ip_address, ip_interface, ip_network
 
 import pytest
 
-from cni_plugin.datapath import bridge, masq, netns, nl, veth
+from cni_plugin.datapath import bridge, inventory, masq, netns, nl, veth
 from cni_plugin.datapath.errors import (
     AddressExists,
     DatapathError,
@@ -523,12 +523,12 @@ def test_delete_functions_are_idempotent(
     assert veth.delete_host_veth_if_exists(name) is True
     assert oracle.link(name) is None and oracle.link("eth0", netns=ns.name) is None
     assert veth.delete_host_veth_if_exists(name) is False
-    assert veth.delete_pod_interface_if_exists(ns.fd, "eth0") is False
 
+    # The pod end deleted from inside the pod (the runtime removing the netns) takes ours too.
     veth.create_veth(name, "eth0", ns.fd, br.index)
-    assert veth.delete_pod_interface_if_exists(ns.fd, "eth0") is True
-    assert oracle.link(name) is None and oracle.link("eth0", netns=ns.name) is None
-    assert veth.delete_pod_interface_if_exists(ns.fd, "eth0") is False
+    subprocess.run(["ip", "-n", ns.name, "link", "del", "eth0"], check=True)
+    assert oracle.link(name) is None
+    assert veth.delete_host_veth_if_exists(name) is False
 
     # A non-veth link that happens to carry the name is refused, not deleted.
     add_plain_link(name)
@@ -545,14 +545,14 @@ def test_inspect(
     ns, pair = _pod(br.index, host_links, make_netns, f"{net}.9/24", f"{net}.1")
     host_name = pair.host.name
 
-    hs = veth.inspect_host_veth(host_name)
+    hs = inventory.inspect_host_veth(host_name)
     h = oracle.link(host_name)
     assert hs is not None
     assert (hs.index, hs.mac, hs.mtu, hs.kind) == (h["ifindex"], h["address"], h["mtu"], "veth")
     assert hs.master_index == br.index and hs.up is True and hs.hairpin is False
     assert hs.peer_index == oracle.link("eth0", netns=ns.name)["ifindex"]
 
-    ps = veth.inspect_pod_interface(ns.fd, "eth0")
+    ps = inventory.inspect_pod_interface(ns.fd, "eth0")
     p = oracle.link("eth0", netns=ns.name)
     assert ps is not None
     assert (ps.index, ps.mac, ps.mtu, ps.kind, ps.up) == (
@@ -569,8 +569,8 @@ def test_inspect(
     assert Route(ip_network(f"{net}.0/24"), None) in ps.routes
     assert all(r.dst.version in (4, 6) for r in ps.routes)
 
-    assert veth.inspect_pod_interface(ns.fd, "nope0") is None
-    assert veth.inspect_host_veth(veth.host_veth_name("absent", "eth0")) is None
+    assert inventory.inspect_pod_interface(ns.fd, "nope0") is None
+    assert inventory.inspect_host_veth(veth.host_veth_name("absent", "eth0")) is None
 
 
 def test_concurrent_pods_from_worker_threads(

@@ -1,7 +1,7 @@
 """Key schema: every key round-trips, and parsing anything else yields None, never an exception.
 
 Parse functions read keys written by other daemons, other versions and humans; a raise there
-would take the reconciler down on one bad key.
+would take the daemon's start-up or its store follower down on one bad key.
 """
 
 from __future__ import annotations

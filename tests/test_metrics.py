@@ -25,10 +25,11 @@ from ipamd.allocator import NodeAllocator
 from ipamd.config import load_config
 from ipamd.errors import NoLease
 from ipamd.leases import SubnetLeaseManager
-from ipamd.metrics import CountingStore, Metrics
+from ipamd.metrics import Metrics
 from ipamd.model import NetworkConfig, Owner
 from ipamd.node import NodeIpam
 from ipamd.store.base import Store, StoreUnavailable
+from ipamd.store.counting import CountingStore
 from ipamd.store.keys import Keys
 from ipamd.store.sqlite import SqliteStore
 from tests.conftest import start_daemon

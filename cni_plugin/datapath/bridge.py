@@ -25,7 +25,6 @@ from .nl import (
 )
 
 __all__ = [
-    "delete_bridge_if_exists",
     "enable_ip_forward",
     "ensure_bridge",
     "ensure_bridge_address",
@@ -197,20 +196,6 @@ def remove_bridge_address(name: str, iface: IPv4Interface | IPv6Interface) -> bo
         if e.errno == errno.EADDRNOTAVAIL:
             return False
         raise
-    return True
-
-
-def delete_bridge_if_exists(name: str) -> bool:
-    """Delete bridge `name` (~60 ms: RCU). Refuses to delete a non-bridge link of that name."""
-    try:
-        index = _bridge_index(name)
-    except LinkNotFound:
-        return False
-    try:
-        with translate_errors(f"delete bridge {name!r}"):
-            host_ipr().link("del", index=index)
-    except LinkNotFound:
-        return False
     return True
 
 

@@ -40,10 +40,6 @@ class AddressExists(DatapathError):
     """The address (or one that conflicts with it) is already configured."""
 
 
-class RouteExists(DatapathError):
-    """An identical route key already exists."""
-
-
 class NotPermitted(DatapathError):
     """EPERM/EACCES: the daemon lacks CAP_NET_ADMIN (or a LSM said no)."""
 

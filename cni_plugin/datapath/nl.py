@@ -71,7 +71,6 @@ __all__ = [
     "host_ipr",
     "link_info",
     "link_kind",
-    "netlink_errno",
     "pod_ipr",
     "translate_errors",
 ]
@@ -269,13 +268,6 @@ def _header_flags(msg: Any) -> int:
         return int(msg["header"]["flags"])
     except (KeyError, TypeError):
         return 0
-
-
-def netlink_errno(exc: BaseException) -> int | None:
-    """The errno carried by a NetlinkError (None for anything else)."""
-    if isinstance(exc, NetlinkError):
-        return exc.code
-    return None
 
 
 @contextmanager

@@ -1,4 +1,5 @@
-"""Pod veth pairs: create, configure inside the pod, inspect (CNI CHECK), delete.
+"""Pod veth pairs: create, configure inside the pod, delete. (CHECK's read-only inspection is in
+`inventory.py`.)
 
 The ADD path is budgeted in netlink round trips (~0.5-0.9 ms each):
   create_veth             2 requests from the host side: create + get (+1 only for hairpin)
@@ -13,7 +14,7 @@ import contextlib
 import errno
 import hashlib
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from ipaddress import (
     IPv4Address,
     IPv4Interface,
@@ -21,9 +22,6 @@ from ipaddress import (
     IPv6Address,
     IPv6Interface,
     IPv6Network,
-    ip_address,
-    ip_interface,
-    ip_network,
 )
 from typing import Any
 
@@ -38,12 +36,9 @@ from .netns import netns_inode
 from .nl import (
     IFF_UP,
     RTM_DELLINK,
-    RTM_GETADDR,
-    RTM_GETROUTE,
     RTM_NEWADDR,
     RTM_NEWLINK,
     RTM_NEWROUTE,
-    dump_retry,
     host_ipr,
     host_rtnl,
     ifaddrmsg,
@@ -64,21 +59,15 @@ RTN_UNICAST = 1
 LOOPBACK_INDEX = 1  # lo is always ifindex 1 in a network namespace
 
 __all__ = [
-    "HostVethState",
-    "PodInterfaceState",
     "Route",
     "VethPair",
     "configure_pod_interface",
     "create_veth",
     "delete_host_veth_if_exists",
-    "delete_pod_interface_if_exists",
     "host_veth_name",
-    "inspect_host_veth",
-    "inspect_pod_interface",
 ]
 
 IFNAMSIZ = 16
-RT_TABLE_MAIN = 254
 RT_SCOPE_LINK = 253
 
 IPAddress = IPv4Address | IPv6Address
@@ -106,35 +95,6 @@ class VethPair:
 
     host: VethEnd
     pod: VethEnd
-
-
-@dataclass(frozen=True)
-class PodInterfaceState:
-    """What CNI CHECK compares against the recorded result."""
-
-    index: int
-    name: str
-    kind: str | None
-    mac: str
-    mtu: int
-    up: bool
-    operstate: str
-    peer_index: int | None
-    addresses: list[IPInterface] = field(default_factory=list)
-    routes: list[Route] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class HostVethState:
-    index: int
-    name: str
-    kind: str | None
-    mac: str
-    mtu: int
-    up: bool
-    master_index: int | None
-    peer_index: int | None
-    hairpin: bool
 
 
 def host_veth_name(container_id: str, ifname: str) -> str:
@@ -284,11 +244,6 @@ def _raise_which_exists(err: LinkExists, host_name: str, pod_ifname: str, netns_
         pass
 
 
-def _ifindex(ipr: Any, ifname: str, where: str) -> int:
-    with translate_errors(f"get {where} link {ifname!r}", host=False):
-        return int(ipr.link("get", ifname=ifname)[0]["index"])
-
-
 def configure_pod_interface(
     netns_fd: int,
     ifname: str,
@@ -376,99 +331,3 @@ def delete_host_veth_if_exists(host_name: str) -> bool:
     except LinkNotFound:
         return False
     return True
-
-
-def delete_pod_interface_if_exists(netns_fd: int, ifname: str) -> bool:
-    """Delete `ifname` inside the pod netns (for a veth, the host end goes too)."""
-    with pod_ipr(netns_fd) as ipr:
-        try:
-            index = _ifindex(ipr, ifname, "pod")
-            with translate_errors(f"delete pod link {ifname!r}", host=False):
-                ipr.link("del", index=index)
-        except LinkNotFound:
-            return False
-    return True
-
-
-def _decoded(replies: list[bytes], kind: type[Any]) -> list[Any]:
-    """pyroute2 messages decoded from raw replies (the same objects IPRoute would return)."""
-    out = []
-    for data in replies:
-        msg = kind(data)
-        msg.decode()
-        out.append(msg)
-    return out
-
-
-def _is_up(msg: Any) -> bool:
-    return bool(int(msg["flags"]) & IFF_UP)
-
-
-def inspect_pod_interface(netns_fd: int, ifname: str) -> PodInterfaceState | None:
-    """State of `ifname` in the pod netns, or None when it does not exist.
-
-    Three requests on one socket: the link, its addresses, and the (tiny) pod route table; only
-    routes of the main table are reported.
-    """
-    with pod_rtnl(netns_fd) as rtnl:
-        try:
-            with translate_errors(f"get pod link {ifname!r}", host=False):
-                link = rtnl.get_link(ifname)
-        except LinkNotFound:
-            return None
-        index = int(link["index"])
-        with translate_errors(f"dump pod addresses of {ifname!r}", host=False):
-            addrs = dump_retry(lambda: _decoded(rtnl.dump(ifaddrmsg(), RTM_GETADDR), ifaddrmsg))
-        with translate_errors("dump pod routes", host=False):
-            rts = dump_retry(lambda: _decoded(rtnl.dump(rtmsg(), RTM_GETROUTE), rtmsg))
-    addresses: list[IPInterface] = [
-        ip_interface(f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}")
-        for a in addrs
-        if a.get("index") == index and a.get("IFA_ADDRESS") is not None
-    ]
-    routes: list[Route] = []
-    for r in rts:
-        table = r.get("RTA_TABLE") or r["table"]
-        if table != RT_TABLE_MAIN or r["family"] not in (socket.AF_INET, socket.AF_INET6):
-            continue
-        any_addr = "0.0.0.0" if r["family"] == socket.AF_INET else "::"
-        dst = ip_network(f"{r.get('RTA_DST') or any_addr}/{r['dst_len']}", strict=False)
-        gw = r.get("RTA_GATEWAY")
-        routes.append(Route(dst=dst, gw=ip_address(gw) if gw else None))
-    return PodInterfaceState(
-        index=index,
-        name=link.get("IFLA_IFNAME"),
-        kind=link_kind(link),
-        mac=link.get("IFLA_ADDRESS"),
-        mtu=int(link.get("IFLA_MTU")),
-        up=_is_up(link),
-        operstate=str(link.get("IFLA_OPERSTATE")),
-        peer_index=link.get("IFLA_LINK"),
-        addresses=addresses,
-        routes=routes,
-    )
-
-
-def inspect_host_veth(host_name: str) -> HostVethState | None:
-    """State of the host end in one RTM_GETLINK, or None when it does not exist."""
-    try:
-        with translate_errors(f"get link {host_name!r}"):
-            msg = host_rtnl().get_link(host_name)
-    except LinkNotFound:
-        return None
-    hairpin = False
-    linkinfo = msg.get("IFLA_LINKINFO")
-    if linkinfo is not None and linkinfo.get("IFLA_INFO_SLAVE_KIND") == "bridge":
-        slave = linkinfo.get("IFLA_INFO_SLAVE_DATA")
-        hairpin = bool(slave.get("IFLA_BRPORT_MODE")) if slave is not None else False
-    return HostVethState(
-        index=int(msg["index"]),
-        name=msg.get("IFLA_IFNAME"),
-        kind=link_kind(msg),
-        mac=msg.get("IFLA_ADDRESS"),
-        mtu=int(msg.get("IFLA_MTU")),
-        up=_is_up(msg),
-        master_index=msg.get("IFLA_MASTER"),
-        peer_index=msg.get("IFLA_LINK"),
-        hairpin=hairpin,
-    )

@@ -1,7 +1,8 @@
 """The store contract: etcd v3's data model, so SQLite and etcd backends are interchangeable.
 
-Callers (the allocator, the lease keeper, the reconciler) program against `Store` only. The model
-is etcd 3.4's on purpose, because that is the weakest backend we intend to support:
+Callers (the allocator, the lease keeper, the store follower, the cluster operations) program
+against `Store` only. The model is etcd 3.4's on purpose, because that is the weakest backend we
+intend to support:
 
 * one global revision, bumped by exactly one per write transaction that changes something;
 * per key a `create_revision` (revision of the put that created it) and a `mod_revision`

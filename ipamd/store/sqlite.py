@@ -3,8 +3,9 @@
 Durability: WAL with `synchronous=NORMAL`. A commit is in the WAL before `txn` returns, so a
 daemon crash (the failure that matters: OOM kill, bug, upgrade) loses nothing. A power loss can
 lose the last few commits because the WAL is not fsynced per commit; that is acceptable on a
-single node because a power loss also kills every pod the lost allocations belonged to, and the
-reconciler rebuilds from the runtime's view at boot. FULL would cost an fsync per allocation.
+single node because a power loss also kills every pod the lost allocations belonged to, and a
+release that comes back is a record whose netns is gone, which the leak GC frees. FULL would cost
+an fsync per allocation.
 
 Concurrency: one connection per store object behind a lock, so every operation is one short
 transaction (`BEGIN IMMEDIATE` for writes, so the global revision counter is read and bumped
