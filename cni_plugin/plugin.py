@@ -4,7 +4,10 @@ ADD reads like the reference bridge's cmdAdd: allocate, register the release on 
 ensure the bridge, create the veth with its peer already in the pod netns, configure it, and pop
 the undo stack only on success. So a failed ADD leaves no veth, no route and no IP behind.
 DEL never needs the netns: the host veth name is derived from (container ID, ifname), and deleting
-it removes the pod end too.
+it removes the pod end too. DEL answers once the IP's release is durable; the host veth goes in
+the background (`reaper.py`), and the attachment stays locked until it is gone.
+
+ADD, DEL and CHECK of one attachment are serialised by its lock (`attachments.py`).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import threading
 from collections.abc import Callable
 from contextlib import ExitStack
 
+from cni_plugin.attachments import AttachmentLocks, Key
 from cni_plugin.datapath import bridge as br
 from cni_plugin.datapath import inventory, veth
 from cni_plugin.datapath.errors import LinkExists, LinkNotFound, PodInterfaceExists
@@ -35,13 +39,19 @@ from cni_plugin.errors import (
 )
 from cni_plugin.ipam import AddressRequest, AssignedAddress, AttachmentOwner, IpamPort
 from cni_plugin.netconf import NetConf, ci_get
+from cni_plugin.reaper import HostVethReaper
 from cni_plugin.result import Interface, IPConfig, Result, Route
 from cni_plugin.skel import Request
 
 log = logging.getLogger(__name__)
 DEFAULT_V4 = ipaddress.ip_network("0.0.0.0/0")
+LOCK_WAIT = 5.0  # seconds a verb waits for its attachment's lock when no deadline says otherwise
 # Test-only fault injection (the reference bridge has debugPostIPAMError for the same reason).
 FaultHook = Callable[[str, Request], None]
+
+
+def attachment(req: Request) -> Key:
+    return (req.container_id, req.ifname)
 
 
 class MoorPlugin:
@@ -51,11 +61,17 @@ class MoorPlugin:
         masq: MasqueradeRules,
         *,
         own_netns_inode: int,
+        locks: AttachmentLocks | None = None,
+        reaper: HostVethReaper | None = None,
+        lock_wait: Callable[[], float] = lambda: LOCK_WAIT,
         fault_hook: FaultHook | None = None,
     ) -> None:
         self.ipam = ipam
         self.masq = masq
         self.own_netns_inode = own_netns_inode
+        self.locks = locks or AttachmentLocks()
+        self.reaper = reaper or HostVethReaper()
+        self.lock_wait = lock_wait
         self.fault_hook = fault_hook
         self._bridges: dict[tuple[str, int, bool], br.LinkInfo] = {}
         self._gateways_done: set[tuple[str, int, str]] = set()
@@ -194,8 +210,12 @@ class MoorPlugin:
 
     # ---- ADD -------------------------------------------------------------------------------
     def add(self, req: Request) -> Result:
-        if req.conf.mode == "ipam":
-            return self._ipam_add(req)
+        with self.locks.hold(attachment(req), self.lock_wait()):
+            if req.conf.mode == "ipam":
+                return self._ipam_add(req)
+            return self._main_add(req)
+
+    def _main_add(self, req: Request) -> Result:
         conf = req.conf
         fd = self._require_netns(req)
         host_name = veth.host_veth_name(req.container_id, req.ifname)
@@ -280,14 +300,32 @@ class MoorPlugin:
 
     # ---- DEL -------------------------------------------------------------------------------
     def delete(self, req: Request) -> None:
-        conf = req.conf
-        if conf.mode == "main":
-            veth.delete_host_veth_if_exists(veth.host_veth_name(req.container_id, req.ifname))
-        if conf.ipam is not None:
-            self.ipam.release(conf.name, req.container_id, req.ifname)
+        """Release the IP (durable when this returns), then delete the host veth in the
+        background; the attachment's lock goes with it and is released when it is gone."""
+        key = attachment(req)
+        self.locks.acquire(key, self.lock_wait())
+        host_veth = None
+        try:
+            if req.conf.mode == "main":
+                name = veth.host_veth_name(req.container_id, req.ifname)
+                host_veth = name if veth.host_veth_index(name) is not None else None
+            self._fault("before-release", req)
+            if req.conf.ipam is not None:
+                self.ipam.release(req.conf.name, req.container_id, req.ifname)
+        except BaseException:
+            self.locks.release(key)
+            raise
+        if host_veth is None:
+            self.locks.release(key)
+        else:
+            self.reaper.submit(host_veth, lambda: self.locks.release(key))
 
     # ---- CHECK -----------------------------------------------------------------------------
     def check(self, req: Request) -> None:
+        with self.locks.hold(attachment(req), self.lock_wait()):
+            self._check(req)
+
+    def _check(self, req: Request) -> None:
         conf = req.conf
         prev = conf.prev_result
         if prev is None:

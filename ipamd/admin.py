@@ -29,6 +29,7 @@ def config_pb(c: NetworkConfig) -> ipam_pb2.NetworkConfig:
         subnet_max=str(c.subnet_max) if c.subnet_max is not None else "",
         fixed_ranges=[str(r) for r in c.fixed_ranges],
         backend=c.backend,
+        cluster_id=c.cluster_id,
     )
 
 
@@ -79,10 +80,11 @@ class AdminServicer(ipam_pb2_grpc.AdminServicer):
         try:
             config = config_from_pb(request.config)
             created = self.ops.init_network(config)
+            stored = self.ops.require_network()  # as written: with its cluster ID
         except Exception as exc:  # noqa: BLE001
             abort(context, exc)
             raise
-        return ipam_pb2.NetworkInitResponse(config=config_pb(config), created=created)
+        return ipam_pb2.NetworkInitResponse(config=config_pb(stored), created=created)
 
     def ListSubnets(
         self, request: ipam_pb2.ListSubnetsRequest, context: grpc.ServicerContext

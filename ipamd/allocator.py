@@ -27,6 +27,7 @@ from ipamd.leases import SubnetLeaseManager
 from ipamd.model import Allocation, IPAddress, IPNetwork, Owner
 from ipamd.pool import PoolStatus, SubnetPool
 from ipamd.release import TXN_RETRIES, release_handle
+from ipamd.rwlock import SharedExclusiveLock
 from ipamd.store.base import Compare, Delete, KeyValue, Put, Store
 from ipamd.store.keys import Keys, covering_prefixes
 
@@ -50,15 +51,33 @@ class NodeAllocator:
         self.leases = leases
         self.cooldown = cooldown
         self.clock = clock
+        # `_lock` guards _pools (and every SubnetPool in it) and _by_handle, held briefly.
+        # `_gate` keeps a reload from swapping the pools under an allocation or release in
+        # flight: those hold it shared from their pick to their memory update, a reload holds it
+        # exclusive from its listing to its swap. `_grow_lock` lets one caller lease a subnet.
         self._lock = threading.Lock()
+        self._gate = SharedExclusiveLock()
         self._grow_lock = threading.Lock()
         self._pools: dict[IPNetwork, SubnetPool] = {}
         self._by_handle: dict[tuple[str, str, str], Allocation] = {}
 
     # ---- loading ---------------------------------------------------------------------------
     def load(self) -> None:
-        """Rebuild the in-memory free sets and handle index from the store."""
-        subnets = self.leases.subnets
+        """Rebuild the in-memory free sets and handle index from the store (at start, and when
+        the store follower lost track); waits for allocations and releases in flight."""
+        with self._gate.exclusive():
+            self._load()
+
+    def _load(self) -> None:
+        pools, by_handle = self._read(self.leases.subnets)
+        with self._lock:
+            self._pools = pools
+            self._by_handle = by_handle
+
+    def _read(
+        self, subnets: list[IPNetwork]
+    ) -> tuple[dict[IPNetwork, SubnetPool], dict[tuple[str, str, str], Allocation]]:
+        """Pools and the handle index of `subnets`, from their records in the store."""
         pools = {s: SubnetPool(s) for s in subnets}
         by_handle: dict[tuple[str, str, str], Allocation] = {}
         for kv in self._list_subnets(self.keys.ips_prefix_for, subnets):
@@ -78,9 +97,24 @@ class NodeAllocator:
             pool = self._pool_for(ip, pools)
             if pool is not None and ip not in pool.used:
                 pool.push_released(ip, at)
+        return pools, by_handle
+
+    def _adopt_new_subnets(self) -> None:
+        """Pools for subnets the lease manager holds but the allocator has none for yet (one it
+        claimed while re-asserting, or just leased), read from their records in the store."""
+        held = self.leases.subnets
         with self._lock:
-            self._pools = pools
-            self._by_handle = by_handle
+            missing = [s for s in held if s not in self._pools]
+        if not missing:
+            return
+        pools, by_handle = self._read(missing)
+        with self._lock:
+            for subnet, pool in pools.items():
+                if subnet not in self._pools:
+                    self._pools[subnet] = pool
+                    self._by_handle.update(
+                        (h, a) for h, a in by_handle.items() if a.subnet == subnet
+                    )
 
     def _list_subnets(
         self, prefix_for: Callable[[IPNetwork], str], subnets: list[IPNetwork]
@@ -100,10 +134,6 @@ class NodeAllocator:
                 return pool
         return None
 
-    def _add_pool(self, subnet: IPNetwork) -> None:
-        with self._lock:
-            self._pools.setdefault(subnet, SubnetPool(subnet))
-
     # ---- allocation ------------------------------------------------------------------------
     def allocate(
         self,
@@ -115,6 +145,18 @@ class NodeAllocator:
         requested: IPAddress | None = None,
     ) -> tuple[Allocation, bool]:
         """Claim an IP for `owner`; returns (allocation, existed). Idempotent per handle."""
+        with self._gate.shared():
+            return self._allocate(owner, netns, netns_inode, host_veth, requested)
+
+    def _allocate(
+        self,
+        owner: Owner,
+        netns: str,
+        netns_inode: int,
+        host_veth: str,
+        requested: IPAddress | None,
+    ) -> tuple[Allocation, bool]:
+        self._adopt_new_subnets()
         with self._lock:
             existing = self._by_handle.get(owner.handle)
         if existing is not None:
@@ -183,7 +225,7 @@ class NodeAllocator:
                     )
                     return got
                 raise
-            self._add_pool(subnet)
+            self._adopt_new_subnets()
             got = self._pick_available()
         if got is None:
             raise NetworkExhausted(f"new subnet {subnet} has no usable address")
@@ -240,7 +282,10 @@ class NodeAllocator:
     # ---- release ---------------------------------------------------------------------------
     def release(self, network: str, container_id: str, ifname: str) -> Allocation | None:
         """Free the IP held by this handle, comparing owner and revision; None if it held none."""
-        handle = (network, container_id, ifname)
+        with self._gate.shared():
+            return self._release((network, container_id, ifname))
+
+    def _release(self, handle: tuple[str, str, str]) -> Allocation | None:
         with self._lock:  # pending: the delete event the store watch echoes back is ours
             known = self._by_handle.get(handle)
             if known is not None:
@@ -293,6 +338,25 @@ class NodeAllocator:
                 if alloc.ip == ip:
                     del self._by_handle[handle]
         log.warning("%s was released outside this node (moorctl?): forgotten here too", ip)
+
+    def forget(self, alloc: Allocation) -> bool:
+        """Drop an allocation whose record the store lost and whose pod is gone: memory only.
+        Its IP waits out the cooldown like any released one. False if it changed meanwhile."""
+        with self._lock:
+            if self._by_handle.get(alloc.owner.handle) != alloc:
+                return False
+            del self._by_handle[alloc.owner.handle]
+            pool = self._pool_for(alloc.ip, self._pools)
+            if pool is not None and alloc.ip in pool.used:
+                pool.used.discard(alloc.ip)
+                pool.push_released(alloc.ip, self.clock())
+        return True
+
+    def in_flight(self, ip: IPAddress) -> bool:
+        """A transaction about `ip` is running now (its record may be about to change)."""
+        with self._lock:
+            pool = self._pool_for(ip, self._pools)
+            return pool is not None and ip in pool.pending
 
     # ---- views -----------------------------------------------------------------------------
     def get(self, network: str, container_id: str, ifname: str) -> Allocation | None:

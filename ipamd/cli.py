@@ -28,6 +28,7 @@ def _status(stub: Any) -> dict[str, Any]:
         "reason": r.reason,
         "network": r.network,
         "cooldownSeconds": r.cooldown_seconds,
+        "conflicts": list(r.conflicts),
         "subnets": [
             {
                 "subnet": s.subnet,
@@ -68,6 +69,9 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
 def render_status(data: dict[str, Any]) -> str:
     state = "ready" if data["ready"] else f"NOT READY ({data['reason']})"
     out = [f"node {data['node']}  network {data['network'] or '-'}  {state}", ""]
+    if data["conflicts"]:
+        out += ["CONFLICTS after the store lost data (an operator must look):"]
+        out += [f"  {c}" for c in data["conflicts"]] + [""]
     out.append(
         table(
             ["SUBNET", "GATEWAY", "USED", "FREE", "COOLING", "TOTAL"],
@@ -121,6 +125,7 @@ def _config_dict(c: Any) -> dict[str, Any]:
         "subnetMax": c.subnet_max,
         "fixedRanges": list(c.fixed_ranges),
         "backend": c.backend,
+        "clusterID": c.cluster_id,
     }
 
 
@@ -156,6 +161,7 @@ def render_config(c: dict[str, Any]) -> str:
         ["subnet-max", c["subnetMax"] or "-"],
         ["fixed-ranges", ", ".join(c["fixedRanges"]) or "-"],
         ["backend", c["backend"]],
+        ["cluster-id", c["clusterID"] or "-"],
     ]
     return "\n".join(f"{k:<13} {v}" for k, v in rows)
 

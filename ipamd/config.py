@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from ipamd.model import NetworkConfig
+from ipamd.store.keys import valid_node_name
 
 
 @dataclass
@@ -48,6 +49,10 @@ class DaemonConfig:
     enable_fault_injection: bool = False
 
     def validate(self) -> None:
+        if not valid_node_name(self.node_name):
+            raise ValueError(
+                f"--node-name {self.node_name!r}: letters, digits, '.', '_' and '-' only"
+            )
         self.network_config()
         if self.public_ip:
             try:

@@ -14,14 +14,17 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from types import FrameType
 from typing import Any, NoReturn
 
 from cni_plugin import skel
+from cni_plugin.attachments import AttachmentLocks
 from cni_plugin.datapath.inventory import host_link_names
 from cni_plugin.datapath.masq import MasqueradeRules
 from cni_plugin.errors import CNIError
 from cni_plugin.plugin import MoorPlugin
+from cni_plugin.reaper import HostVethReaper
 from cni_plugin.skel import Reply, Request
 from cni_plugin.wire import WireRequest
 from ipamd.admin import AdminServicer
@@ -30,12 +33,14 @@ from ipamd.cni_port import NodeIpamPort
 from ipamd.cni_server import CniEndpoint
 from ipamd.config import DaemonConfig
 from ipamd.errors import NoLease
+from ipamd.guard import StoreGuard
 from ipamd.journal import ReleaseJournal
 from ipamd.leakgc import LeakCollector
 from ipamd.leases import SubnetLeaseManager
 from ipamd.metrics import Metrics
 from ipamd.model import Allocation, NetworkConfig
 from ipamd.node import GarbageReport, NodeIpam
+from ipamd.node_state import NodeStateFile
 from ipamd.ops import NO_NETWORK, ClusterOps
 from ipamd.pool import PoolStatus
 from ipamd.server import GrpcServer
@@ -141,11 +146,15 @@ class Daemon:
             cooldown=cfg.cooldown,
             local=lambda: getattr(self, "allocator", None),
         )
+        self.locks = AttachmentLocks()  # one per daemon: CNI verbs, gRPC, replays, GC
         self.ipam = self._initial_ipam()
+        self.reaper = HostVethReaper()
         self.plugin = MoorPlugin(
             NodeIpamPort(self.ipam),  # type: ignore[arg-type]  # IpamSwitch stands in for NodeIpam
             MasqueradeRules(cfg.masq_chain),
             own_netns_inode=os.stat("/proc/self/ns/net").st_ino,
+            locks=self.locks,
+            reaper=self.reaper,
             fault_hook=fault_hook if cfg.enable_fault_injection else None,
         )
         self.leak_gc = LeakCollector(
@@ -157,7 +166,9 @@ class Daemon:
         self.endpoint = CniEndpoint(cfg.cni_socket, self.handle, workers=cfg.workers)
         self.endpoint.start()
         self.grpc = GrpcServer(
-            cfg.grpc_socket, IpamServicer(self.ipam, cfg.cooldown), AdminServicer(self.ops)
+            cfg.grpc_socket,
+            IpamServicer(self.ipam, cfg.cooldown, self.locks),  # type: ignore[arg-type]
+            AdminServicer(self.ops),
         )
         self.grpc.start()
         self.grpc.set_serving(self.ipam.not_ready_reason() is None)
@@ -168,46 +179,74 @@ class Daemon:
     def _initial_ipam(self) -> NodeIpam | IpamSwitch:
         """The node's IPAM; or, with `--network ""` and no config in the store yet, a stand-in
         answering "not ready" until `moorctl network init` writes one (the timers adopt it)."""
-        netcfg = self.cfg.network_config() or self.ops.network()
+        netcfg = self.cfg.network_config() or self.ops.network() or self._remembered_network()
         if netcfg is not None:
             return self._node_ipam(netcfg)
         log.warning("%s; waiting for it", NO_NETWORK)
         return IpamSwitch(AwaitingNetwork(self.cfg.node_name))
 
+    def _state_file(self) -> str:
+        return os.path.join(self.cfg.state_dir, f"lease-{self.cfg.node_name}.json")
+
+    def _remembered_network(self) -> NetworkConfig | None:
+        """With `--network ""` and no config in the store: the one this node last served, if it
+        remembers one (the store lost it; it is written back)."""
+        config = NodeStateFile(self._state_file()).load().config
+        if config is not None:
+            log.error("no network config in the store; node %s remembers %s and restores it",
+                      self.cfg.node_name, config.to_json().decode())  # fmt: skip
+        return config
+
     def _node_ipam(self, netcfg: NetworkConfig) -> NodeIpam:
-        """Write or check the network config, lease this node's subnets, load its allocations."""
+        """Write or check the network config, lease this node's subnets, load its allocations;
+        only then start the renewal and the store follower, so a failed start (retried while
+        awaiting the network) leaves no thread behind."""
         cfg = self.cfg
-        self.leases = SubnetLeaseManager(
+        leases = SubnetLeaseManager(
             self.store,
             self.keys,
             cfg.node_name,
             netcfg,
             ttl=cfg.lease_ttl,
-            state_file=os.path.join(cfg.state_dir, f"lease-{cfg.node_name}.json"),
+            state_file=self._state_file(),
             public_ip=self.public_ip,
         )
-        self.leases.ensure_network_config()
-        subnets = self.leases.acquire()
+        leases.ensure_network_config()
+        subnets = leases.acquire()
         log.info("node %s serves pod IPs from %s", cfg.node_name, ", ".join(map(str, subnets)))
-        self.leases.start_renewal()
         allocator = NodeAllocator(
-            self.store, self.keys, cfg.node_name, self.leases, cooldown=cfg.cooldown
+            self.store, self.keys, cfg.node_name, leases, cooldown=cfg.cooldown
         )
+        guard = StoreGuard(
+            self.store,
+            self.keys,
+            leases,
+            allocator,
+            locks=self.locks,
+            host_links=host_link_names,
+            on_recovery=self.metrics.count_recovery,
+            on_conflict=self.metrics.count_conflict,
+        )
+        leases.on_conflict = guard.conflict
+        guard.probe()  # the store's identity and revision, as this daemon first sees them
         revision = self.store.revision()  # changes after it reach the allocator by the follower
         allocator.load()
-        self.allocator = allocator
-        follower = StoreFollower(self.store, self.keys, self.leases, allocator, self._stop)
-        self._spawn("store-follower", lambda: follower.run(revision + 1))
         ipam = NodeIpam(
             self.store,
             cfg.node_name,
-            self.leases,
+            leases,
             allocator,
             self.metrics,
             journal=ReleaseJournal(os.path.join(cfg.state_dir, f"releases-{cfg.node_name}.jsonl")),
             store_grace=cfg.store_grace,
+            locks=self.locks,
+            guard=guard,
         )
         ipam.replay_journal()
+        self.leases, self.allocator, self.guard = leases, allocator, guard
+        leases.start_renewal()
+        follower = StoreFollower(self.store, self.keys, leases, allocator, guard, self._stop)
+        self._spawn("store-follower", lambda: follower.run(revision + 1))
         self.metrics.track(ipam)
         return ipam
 
@@ -253,20 +292,31 @@ class Daemon:
         self._threads.append(thread)
 
     def _timers(self) -> None:
+        """Every tick, each task on its own: one that fails (a datapath repair, say) is logged
+        and never keeps the others (the leak GC) from running."""
         next_gc = time.monotonic() + self.cfg.leak_gc_interval
         while not self._stop.wait(
             AWAIT_TICK if self.awaiting_network else min(TIMER_TICK, self.cfg.leak_gc_interval)
         ):
-            try:
-                if self.awaiting_network:
-                    self._adopt_network()
-                self.grpc.set_serving(self.ipam.not_ready_reason() is None)
-                self.plugin.maintain()
-                if time.monotonic() >= next_gc:
-                    next_gc = time.monotonic() + self.cfg.leak_gc_interval
-                    self.leak_gc.sweep()
-            except Exception:
-                log.exception("timer round failed")
+            if self.awaiting_network:
+                self._task("adopting the network config", self._adopt_network)
+            self._task(
+                "updating health",
+                lambda: self.grpc.set_serving(self.ipam.not_ready_reason() is None),
+            )
+            if getattr(self, "guard", None) is not None:
+                self._task("checking the store", self.guard.check)
+            self._task("repairing the datapath", self.plugin.maintain)
+            if time.monotonic() >= next_gc:
+                next_gc = time.monotonic() + self.cfg.leak_gc_interval
+                self._task("leak GC", self.leak_gc.sweep)
+
+    @staticmethod
+    def _task(what: str, task: Callable[[], object]) -> None:
+        try:
+            task()
+        except Exception:
+            log.exception("%s failed; trying again at the next tick", what)
 
     def _replay_journal(self) -> None:
         """Apply DELs journaled while the store was away, soon after it returns."""
@@ -278,7 +328,7 @@ class Daemon:
 
     def stop(self) -> None:
         self._stop.set()
-        for part in ("endpoint", "grpc", "metrics"):
+        for part in ("endpoint", "grpc", "reaper", "metrics"):
             obj = getattr(self, part, None)
             if obj is not None:
                 obj.stop()

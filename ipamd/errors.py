@@ -15,6 +15,10 @@ class NoLease(IpamError):
     """The node holds no subnet lease, so it cannot serve ADD at all."""
 
 
+class StoreRecovering(NoLease):
+    """The store lost data this node knows to be live; ADD waits until it is put back."""
+
+
 class RequestedIPUnavailable(IpamError):
     """A specific IP was asked for and cannot be given (taken, reserved, or not this node's)."""
 

@@ -11,6 +11,7 @@ from typing import NoReturn
 
 import grpc
 
+from cni_plugin.attachments import AttachmentBusy
 from ipamd.errors import (
     ConfigMismatch,
     Conflict,
@@ -33,6 +34,7 @@ STATUS_OF: list[tuple[type[Exception], grpc.StatusCode]] = [
     (NetworkExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (NoLease, grpc.StatusCode.UNAVAILABLE),
     (StoreUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (AttachmentBusy, grpc.StatusCode.UNAVAILABLE),
     (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
 ]
 

@@ -71,6 +71,10 @@ class ReleaseJournal:
         with self._lock:
             return handle in self._entries
 
+    def entry(self, handle: Handle) -> JournaledRelease | None:
+        with self._lock:
+            return self._entries.get(handle)
+
     def pending(self) -> list[JournaledRelease]:
         with self._lock:
             return sorted(self._entries.values(), key=lambda e: e.at)

@@ -8,33 +8,15 @@ whose view is incomplete (the link listing failed, a netns could not be stat'ed)
 
 from __future__ import annotations
 
-import errno
 import logging
-import os
 import time
 from collections.abc import Callable
 
+from ipamd.liveness import attachment_gone
 from ipamd.model import Allocation
 from ipamd.node import NodeIpam
 
 log = logging.getLogger(__name__)
-
-
-class IncompleteView(Exception):
-    """Something could not be observed; this round must not release anything."""
-
-
-def netns_alive(alloc: Allocation) -> bool:
-    """True while the attachment's netns still exists (and is the same namespace)."""
-    if not alloc.netns:
-        return True  # nothing recorded: never call it a leak
-    try:
-        st = os.stat(alloc.netns)
-    except OSError as exc:
-        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
-            return False
-        raise IncompleteView(f"cannot stat {alloc.netns}: {exc}") from exc
-    return not alloc.netns_inode or st.st_ino == alloc.netns_inode
 
 
 class LeakCollector:
@@ -53,7 +35,7 @@ class LeakCollector:
         self._since: dict[tuple[str, str, str], float] = {}
 
     def _is_candidate(self, alloc: Allocation, links: set[str]) -> bool:
-        return not netns_alive(alloc) and (not alloc.host_veth or alloc.host_veth not in links)
+        return attachment_gone(alloc, links)
 
     def sweep(self) -> list[Allocation]:
         """One round; returns what it released."""
@@ -85,7 +67,8 @@ class LeakCollector:
                         alloc.owner.pod or "-",
                         now - first,
                     )
-            except Exception as exc:  # noqa: BLE001
-                log.warning("leak GC could not re-validate %s: %s", alloc.ip, exc)
-            self._since.pop(alloc.owner.handle, None)
+            except Exception as exc:  # noqa: BLE001 - retried next round, its grace already served
+                log.warning("leak GC could not release %s, retrying next round: %s", alloc.ip, exc)
+                continue
+            self._since.pop(alloc.owner.handle, None)  # released, or changed hands: done with it
         return released

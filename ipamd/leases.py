@@ -2,29 +2,41 @@
 
 A node claims subnets of the cluster network with create-if-absent: first the ones it already
 holds (keyed by node name, never by a public IP that may change), then the one it held last
-(remembered in a local state file), then a free one. All of a node's subnet keys hang on one store
-lease with a TTL that a background thread renews well before expiry. A node whose subnets are full
-takes one more, as Calico nodes take more blocks, so a full node subnet is never an outage.
+(remembered in its state file, `node_state.py`), then a free one. All of a node's subnet keys hang
+on one store lease with a TTL that a background thread renews well before expiry. A node whose
+subnets are full takes one more, as Calico nodes take more blocks, so a full node subnet is never
+an outage.
+
+A subnet key of ours that vanishes was either removed by an admin (`moorctl node remove` writes a
+removal record first) or lost: the lease expired, or the store lost data. A removed subnet is
+never used again; a lost one is claimed back (`reassert`): create-if-absent, or moved onto our
+store lease if the key is there and ours; a subnet another node took meanwhile is dropped, never
+used by this node again, and reported as a conflict.
+
+Locks: `_lock` guards `_subnets`, `_lost`, `_lease_id` and `config`, held briefly and never across
+a store call. `_claim_lock` serialises everything that talks to the store about our leases (grant,
+claim, re-claim, renewal, republish), so two threads never each grant a store lease; it is taken
+before `_lock`, never while holding it.
 """
 
 from __future__ import annotations
 
-import ipaddress
-import json
+import dataclasses
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
 
 from ipamd.errors import ConfigMismatch, NetworkExhausted
 from ipamd.model import IPNetwork, NetworkConfig, SubnetLease
+from ipamd.node_state import NodeState, NodeStateFile
 from ipamd.store.base import KeyValue, LeaseNotFound, Store, StoreError
 from ipamd.store.keys import Keys
 
 log = logging.getLogger(__name__)
 CLAIM_RETRIES = 8
 RENEW_RETRY = 5.0  # seconds between renewal attempts while the store does not answer
+Conflict = Callable[[str, str], None]  # (kind, sentence): reported, counted, shown in status
 
 
 class SubnetLeaseManager:
@@ -39,6 +51,7 @@ class SubnetLeaseManager:
         state_file: str = "",
         clock: Callable[[], float] = time.time,
         public_ip: str = "",
+        on_conflict: Conflict | None = None,
     ) -> None:
         self.store = store
         self.keys = keys
@@ -46,37 +59,19 @@ class SubnetLeaseManager:
         self.config = config
         self.public_ip = public_ip  # published in the lease for the routing of other nodes
         self.ttl = ttl
-        self.state_file = state_file
+        self.state = NodeStateFile(state_file)
         self.clock = clock
+        self.on_conflict = on_conflict
         self._lease_id = 0
         self._subnets: list[IPNetwork] = []
-        self._lost: list[IPNetwork] = []  # held until the store lease expired; to re-claim
+        self._lost: list[IPNetwork] = []  # ours until they vanished: to claim back
         self._lock = threading.Lock()
+        self._claim_lock = threading.Lock()
         self._stop = threading.Event()
+        self._wake = threading.Event()  # renew (and re-claim) now, not at the next interval
         self._renewer: threading.Thread | None = None
 
-    # ---- network config -------------------------------------------------------------------
-    def ensure_network_config(self) -> None:
-        """Write the cluster network config if absent; refuse to run against a different one.
-
-        Flags only say network and subnet length; the rest of a stored config (subnet min/max,
-        fixed ranges, backend, from `moorctl network init`) is adopted.
-        """
-        key = self.keys.config()
-        if self.store.create(key, self.config.to_json()):
-            return
-        current = self.store.get(key)
-        if current is None:
-            raise ConfigMismatch("network config vanished while it was being written; retry")
-        stored = NetworkConfig.from_json(current.value)
-        if (stored.network, stored.subnet_len) != (self.config.network, self.config.subnet_len):
-            raise ConfigMismatch(
-                f"the store holds network {stored.network} /{stored.subnet_len} but this daemon "
-                f"was started with {self.config.network} /{self.config.subnet_len}"
-            )
-        self.config = stored
-
-    # ---- acquisition ----------------------------------------------------------------------
+    # ---- views ----------------------------------------------------------------------------
     @property
     def subnets(self) -> list[IPNetwork]:
         with self._lock:
@@ -86,29 +81,116 @@ class SubnetLeaseManager:
         with self._lock:
             return bool(self._subnets)
 
+    @property
+    def lease_id(self) -> int:
+        with self._lock:
+            return self._lease_id
+
+    # ---- network config -------------------------------------------------------------------
+    def ensure_network_config(self) -> None:
+        """Write the cluster network config if absent (with a new cluster ID); refuse to run
+        against a different one. A stored config without a cluster ID (older moor) gets one.
+
+        Flags only say network and subnet length; the rest of a stored config (subnet min/max,
+        fixed ranges, backend, from `moorctl network init`) is adopted.
+        """
+        key = self.keys.config()
+        remembered = self.state.load().config
+        with self._claim_lock:
+            fresh = self.config if self.config.cluster_id else self.config.with_new_cluster_id()
+            same = (self.config.network, self.config.subnet_len)
+            if (
+                remembered is not None
+                and remembered.cluster_id
+                and (
+                    remembered.network,
+                    remembered.subnet_len,
+                )
+                == same
+            ):
+                fresh = remembered  # this node's cluster, as it was: keep its identity too
+            if self.store.create(key, fresh.to_json()):
+                if remembered is not None and remembered.cluster_id:
+                    log.error(
+                        "the store had no network config, but node %s belongs to cluster %s: "
+                        "the store lost its data; writing the config back",
+                        self.node,
+                        remembered.cluster_id,
+                    )
+                self._set_config(fresh)
+                return
+            current = self.store.get(key)
+            if current is None:
+                raise ConfigMismatch("network config vanished while it was being written; retry")
+            stored = NetworkConfig.from_json(current.value)
+            if (stored.network, stored.subnet_len) != (
+                self.config.network,
+                self.config.subnet_len,
+            ):
+                raise ConfigMismatch(
+                    f"the store holds network {stored.network} /{stored.subnet_len} but this "
+                    f"daemon was started with {self.config.network} /{self.config.subnet_len}"
+                )
+            if remembered is not None and remembered.cluster_id not in ("", stored.cluster_id):
+                log.error(
+                    "node %s belongs to cluster %s but the store's network is cluster %s: the "
+                    "store was re-initialised or replaced; joining it",
+                    self.node,
+                    remembered.cluster_id,
+                    stored.cluster_id or "(unnamed)",
+                )
+            if not stored.cluster_id:
+                named = stored.with_new_cluster_id()
+                if self.store.compare_and_swap(key, named.to_json(), current.mod_revision):
+                    stored = named
+                else:  # another node named it first: take theirs
+                    latest = self.store.get(key)
+                    stored = NetworkConfig.from_json(latest.value) if latest else stored
+            self._set_config(stored)
+
+    def _set_config(self, config: NetworkConfig) -> None:
+        with self._lock:
+            self.config = config
+        self._remember()
+
+    def adopt_cluster_id(self, cluster_id: str) -> None:
+        """The store's config is ours under another cluster ID (re-initialised after a loss)."""
+        with self._lock:
+            self.config = dataclasses.replace(self.config, cluster_id=cluster_id)
+        self._remember()
+
+    # ---- acquisition ----------------------------------------------------------------------
     def acquire(self) -> list[IPNetwork]:
         """At start: keep every subnet this node already holds, else claim one (previous first)."""
-        items, _ = self.store.list_prefix(self.keys.subnets_prefix())
-        own: list[IPNetwork] = []
-        for kv in items:
-            subnet = self.keys.parse_subnet(kv.key)
-            if subnet is None:
-                continue
-            if SubnetLease.from_json(subnet, kv.value).node == self.node:
-                own.append(subnet)
-                self._lease_id = self._lease_id or kv.lease
-                self._republish(subnet, kv)
-        if own:
-            self._ensure_store_lease()
-            with self._lock:
-                self._subnets = sorted(own, key=lambda n: int(n.network_address))
-            self._remember()
+        with self._claim_lock:
+            self._clear_removal_record()
+            items, _ = self.store.list_prefix(self.keys.subnets_prefix())
+            own: list[tuple[IPNetwork, KeyValue]] = []
+            for kv in items:
+                subnet = self.keys.parse_subnet(kv.key)
+                if subnet is not None and SubnetLease.from_json(subnet, kv.value).node == self.node:
+                    own.append((subnet, kv))
+            if own:
+                with self._lock:
+                    self._lease_id = self._lease_id or own[0][1].lease
+                self._ensure_store_lease()
+                for subnet, kv in own:
+                    self._adopt(subnet, kv)
+                with self._lock:
+                    self._subnets = sorted(
+                        (s for s, _ in own), key=lambda n: int(n.network_address)
+                    )
+                self._remember()
+                return self.subnets
+            self._acquire_additional()
             return self.subnets
-        self.acquire_additional()
-        return self.subnets
 
     def acquire_additional(self) -> IPNetwork:
         """Claim one more free subnet; NetworkExhausted when the cluster network is full."""
+        with self._claim_lock:
+            return self._acquire_additional()
+
+    def _acquire_additional(self) -> IPNetwork:
         self._ensure_store_lease()
         try:
             return self._claim_free()
@@ -117,8 +199,14 @@ class SubnetLeaseManager:
                 self._revoke_store_lease()
             raise
 
+    def _clear_removal_record(self) -> None:
+        """A node starting afresh after `moorctl node remove` has taken note of it."""
+        if self.store.delete(self.keys.removal(self.node)):
+            log.warning("node %s was removed by an admin; it leases afresh", self.node)
+
     def _revoke_store_lease(self) -> None:
-        lease_id, self._lease_id = self._lease_id, 0
+        with self._lock:
+            lease_id, self._lease_id = self._lease_id, 0
         try:
             self.store.revoke_lease(lease_id)
         except (LeaseNotFound, StoreError) as exc:
@@ -133,7 +221,7 @@ class SubnetLeaseManager:
             for subnet in self._candidates(taken):
                 lease = self._lease_record(subnet)
                 if self.store.create(
-                    self.keys.subnet(subnet), lease.to_json(), lease=self._lease_id
+                    self.keys.subnet(subnet), lease.to_json(), lease=self.lease_id
                 ):
                     with self._lock:
                         self._subnets.append(subnet)
@@ -151,122 +239,156 @@ class SubnetLeaseManager:
 
     def _candidates(self, taken: set[IPNetwork | None]) -> Iterator[IPNetwork]:
         """Free leaseable subnets (inside subnet min/max, off fixed ranges), the previous first."""
-        previous = self._previous()
-        if previous is not None and previous not in taken and self.config.leaseable(previous):
-            yield previous
+        previous = [s for s in self.state.load().subnets if s.subnet_of(self.config.network)]  # type: ignore[arg-type]
+        for subnet in previous[:1]:
+            if subnet not in taken and self.config.leaseable(subnet):
+                yield subnet
         for subnet in self.config.leaseable_subnets():
-            if subnet not in taken and subnet != previous:
+            if subnet not in taken and subnet not in previous[:1]:
                 yield subnet
 
-    def _lease_record(self, subnet: IPNetwork) -> SubnetLease:
+    def _lease_record(self, subnet: IPNetwork, since: float | None = None) -> SubnetLease:
         return SubnetLease(
-            subnet, self.node, self.clock(), self.public_ip, self.config.backend_data()
+            subnet,
+            self.node,
+            self.clock() if since is None else since,
+            self.public_ip,
+            self.config.backend_data(),
         )
 
-    def _republish(self, subnet: IPNetwork, kv: KeyValue) -> None:
-        """Update a held lease whose public IP or backend changed (the key stays the node's)."""
+    def _adopt(self, subnet: IPNetwork, kv: KeyValue) -> bool:
+        """Make our key of `subnet` current: on our store lease, publishing our public IP and
+        backend. False when it changed under us (the caller looks again)."""
         held = SubnetLease.from_json(subnet, kv.value)
-        fresh = self._lease_record(subnet)
-        if (held.public_ip, held.backend) == (fresh.public_ip, fresh.backend):
-            return
-        moved = SubnetLease(subnet, self.node, held.since, fresh.public_ip, fresh.backend)
+        fresh = self._lease_record(subnet, since=held.since)
+        lease_id = self.lease_id
+        if (held.public_ip, held.backend, kv.lease) == (fresh.public_ip, fresh.backend, lease_id):
+            return True
         try:
-            if self.store.compare_and_swap(
-                kv.key, moved.to_json(), kv.mod_revision, lease=kv.lease
-            ):
-                log.info("lease %s now publishes %s %s", subnet, moved.public_ip, moved.backend)
+            moved = self.store.compare_and_swap(
+                kv.key, fresh.to_json(), kv.mod_revision, lease=lease_id
+            )
         except LeaseNotFound:
-            pass  # it expired meanwhile: _ensure_store_lease and renewal take it from here
+            return False  # our lease expired meanwhile: renewal takes it from here
+        if moved:
+            log.info("lease %s now publishes %s %s", subnet, fresh.public_ip, fresh.backend)
+        return moved
 
     def _ensure_store_lease(self) -> None:
-        if self._lease_id:
+        lease_id = self.lease_id
+        if lease_id:
             try:
-                self.store.refresh_lease(self._lease_id)
+                self.store.refresh_lease(lease_id)
                 return
             except LeaseNotFound:
-                log.warning("store lease %x expired; granting a new one", self._lease_id)
-        self._lease_id = self.store.grant_lease(self.ttl)
-
-    # ---- state file: the subnet held last, for a node whose lease expired -----------------
-    def _previous(self) -> IPNetwork | None:
-        if not self.state_file:
-            return None
-        try:
-            with open(self.state_file) as f:
-                subnet = ipaddress.ip_network(json.load(f)["subnets"][0])
-        except (OSError, ValueError, KeyError, IndexError, TypeError):
-            return None
-        return subnet if subnet.subnet_of(self.config.network) else None  # type: ignore[arg-type]
+                log.warning("store lease %x expired; granting a new one", lease_id)
+        granted = self.store.grant_lease(self.ttl)
+        with self._lock:
+            self._lease_id = granted
 
     def _remember(self) -> None:
-        if not self.state_file:
-            return
-        tmp = f"{self.state_file}.tmp"
-        os.makedirs(os.path.dirname(self.state_file) or ".", mode=0o700, exist_ok=True)
-        with open(tmp, "w") as f:
-            json.dump({"node": self.node, "subnets": [str(s) for s in self.subnets]}, f)
-        os.replace(tmp, self.state_file)
+        """Save the config and the subnets held; holding none (yet), keep those held last."""
+        with self._lock:
+            subnets, config = list(self._subnets), self.config
+        self.state.save(NodeState(self.node, subnets or self.state.load().subnets, config))
 
-    # ---- renewal ----------------------------------------------------------------------------
-    def renew_once(self) -> bool:
-        """Refresh the store lease; if it expired, re-claim this node's subnets.
-
-        Returns whether the store answered, which sets when to try next. A subnet another node
-        took while our lease was gone is dropped (the allocator stops using it at once).
-        """
-        if not self._lost:
-            try:
-                self.store.refresh_lease(self._lease_id)
-                return True
-            except LeaseNotFound:
-                log.error("subnet lease of node %s expired; re-acquiring", self.node)
-                with self._lock:
-                    self._lost += [s for s in self._subnets if s not in self._lost]
-                    self._subnets = []
-            except StoreError as exc:
-                log.warning("lease renewal failed: %s", exc)
-                return False
-        try:
-            self._reclaim()
-        except StoreError as exc:
-            log.warning("re-claiming subnets failed, will retry: %s", exc)
-            return False
-        return True
-
-    def _reclaim(self) -> None:
-        self._ensure_store_lease()  # a retry after a partial failure reuses the lease it granted
-        for subnet in list(self._lost):
-            lease = self._lease_record(subnet)
-            if self.store.create(self.keys.subnet(subnet), lease.to_json(), lease=self._lease_id):
-                with self._lock:
-                    self._subnets.append(subnet)
-                log.info("node %s re-claimed subnet %s", self.node, subnet)
-            else:
-                log.error("subnet %s was taken by another node while our lease was lost", subnet)
-            self._lost.remove(subnet)
-
+    # ---- loss and re-assertion --------------------------------------------------------------
     def observe_deleted(self, subnet: IPNetwork) -> None:
-        """A subnet key of ours vanished. With our store lease gone it expired: renewal re-claims
-        it. With the lease alive someone removed it (`moorctl node remove`): stop using it; with
-        no subnet left the node is not ready until it restarts and leases afresh."""
+        """A subnet key of ours vanished (the store follower saw it). Stop using it at once;
+        then either it was removed by an admin (a removal record says so) and stays removed, or
+        it was lost (expiry, store loss) and is claimed back now."""
         with self._lock:
             if subnet not in self._subnets:
                 return
             self._subnets.remove(subnet)
         try:
-            expired = self.store.lease_ttl_remaining(self._lease_id) is None
+            removed = self.store.get(self.keys.removal(self.node)) is not None
         except StoreError:
-            expired = True  # cannot tell: treat it as expiry, renewal sorts it out
-        if expired:
-            with self._lock:
-                self._lost.append(subnet)
-            log.error(
-                "subnet %s of node %s expired; re-claiming at the next renewal", subnet, self.node
-            )
-        else:
+            removed = False  # cannot tell: claiming back is create-if-absent, so it is safe
+        if removed:
             log.error(
                 "subnet %s was removed from node %s by an admin; no longer used", subnet, self.node
             )
+            return
+        with self._lock:
+            self._lost.append(subnet)
+        log.error("subnet %s of node %s vanished; claiming it back", subnet, self.node)
+        self._wake.set()
+
+    def reassert(self) -> list[IPNetwork]:
+        """Claim back every subnet this node holds or lost: create-if-absent on our store lease,
+        or moved onto it when the key is there and ours. A subnet another node holds is dropped
+        and reported. Returns the subnets held afterwards. StoreError propagates (retry)."""
+        with self._claim_lock:
+            self._ensure_store_lease()
+            with self._lock:
+                wanted = self._subnets + [s for s in self._lost if s not in self._subnets]
+            for subnet in wanted:
+                holder = self._claim_back(subnet)
+                with self._lock:
+                    if subnet in self._lost:
+                        self._lost.remove(subnet)
+                    if holder == self.node and subnet not in self._subnets:
+                        self._subnets.append(subnet)
+                    elif holder != self.node and subnet in self._subnets:
+                        self._subnets.remove(subnet)
+                if holder != self.node:
+                    self._conflict(
+                        "subnet",
+                        f"subnet {subnet} of node {self.node} is now held by {holder}: "
+                        "this node no longer allocates from it; its pods there keep their IPs",
+                    )
+            if not self.has_lease():
+                try:  # every subnet it had is someone else's now: serve new pods from a new one
+                    self._acquire_additional()
+                except NetworkExhausted as exc:
+                    log.error("node %s holds no subnet and can lease none: %s", self.node, exc)
+            self._remember()
+            return self.subnets
+
+    def _claim_back(self, subnet: IPNetwork) -> str:
+        """Who holds `subnet` after our attempt to hold it."""
+        key = self.keys.subnet(subnet)
+        for _ in range(CLAIM_RETRIES):
+            if self.store.create(key, self._lease_record(subnet).to_json(), lease=self.lease_id):
+                log.warning("node %s put back its subnet lease %s", self.node, subnet)
+                return self.node
+            kv = self.store.get(key)
+            if kv is None:
+                continue  # deleted in between: try to create again
+            holder = SubnetLease.from_json(subnet, kv.value).node
+            if holder != self.node or self._adopt(subnet, kv):
+                return holder
+        raise StoreError(f"subnet {subnet} kept changing while being claimed back")
+
+    def _conflict(self, kind: str, sentence: str) -> None:
+        log.error("CONFLICT: %s", sentence)
+        if self.on_conflict is not None:
+            self.on_conflict(kind, sentence)
+
+    # ---- renewal ----------------------------------------------------------------------------
+    def renew_once(self) -> bool:
+        """Refresh the store lease, and claim back what was lost (expiry, a vanished key).
+
+        Returns whether the store answered, which sets when to try next.
+        """
+        try:
+            with self._lock:
+                lost = bool(self._lost)
+            if not lost:
+                try:
+                    with self._claim_lock:
+                        self.store.refresh_lease(self.lease_id)
+                    return True
+                except LeaseNotFound:
+                    log.error(
+                        "subnet lease of node %s expired; claiming its subnets back", self.node
+                    )
+            self.reassert()
+        except StoreError as exc:
+            log.warning("lease renewal failed, will retry: %s", exc)
+            return False
+        return True
 
     def renewal_delay(self, answered: bool) -> float:
         """A third of the TTL after a renewal, so two may fail before expiry; soon after a miss."""
@@ -276,7 +398,11 @@ class SubnetLeaseManager:
     def start_renewal(self) -> None:
         def loop() -> None:
             delay = self.renewal_delay(True)
-            while not self._stop.wait(delay):
+            while True:
+                self._wake.wait(delay)
+                self._wake.clear()
+                if self._stop.is_set():
+                    return
                 delay = self.renewal_delay(self.renew_once())
 
         self._renewer = threading.Thread(target=loop, name="lease-renewal", daemon=True)
@@ -284,3 +410,4 @@ class SubnetLeaseManager:
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()

@@ -56,6 +56,7 @@ LATENCY_BUCKETS = (
 )
 CNI_VERBS = ("ADD", "DEL", "CHECK", "GC", "STATUS", "VERSION")
 FAILURE_REASONS = ("exhausted", "unavailable", "other")
+CONFLICT_KINDS = ("subnet", "ip", "config")
 
 
 class MetricsServerError(Exception):
@@ -96,6 +97,20 @@ class Metrics:
             ["verb", "code"],
             registry=self.registry,
         )
+        self.store_recoveries = Counter(
+            "moor_store_recoveries",
+            "Times this node found the store had lost or rolled back data it knows to be live, "
+            "and re-asserted it (network config, subnet leases, live pods' allocations).",
+            registry=self.registry,
+        )
+        self.store_conflicts = Counter(
+            "moor_store_conflicts",
+            "What this node could not re-assert because the store gives it to someone else: "
+            "subnet (another node leased it), ip (another pod's record), config (another "
+            "network config).",
+            ["kind"],
+            registry=self.registry,
+        )
         self.store_errors = Counter(
             "moor_store_errors",
             "Errors raised by the IPAM store (etcd or SQLite), by store operation.",
@@ -104,6 +119,8 @@ class Metrics:
         )
         for reason in FAILURE_REASONS:
             self.allocation_failures.labels(reason)
+        for kind in CONFLICT_KINDS:
+            self.store_conflicts.labels(kind)
         for verb in CNI_VERBS:
             self.cni_seconds.labels(verb)
         for op in STORE_OPS:
@@ -152,6 +169,12 @@ class Metrics:
             raise
         finally:
             self.allocation_seconds.observe(time.perf_counter() - started)
+
+    def count_recovery(self) -> None:
+        self.store_recoveries.inc()
+
+    def count_conflict(self, kind: str, _sentence: str = "") -> None:
+        self.store_conflicts.labels(kind if kind in CONFLICT_KINDS else "other").inc()
 
     def observe_cni(self, command: str, reply: Reply, seconds: float) -> None:
         verb = command if command in CNI_VERBS else "other"

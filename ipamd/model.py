@@ -7,8 +7,11 @@ the fixed-IP work builds its generation guard on this.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
+import re
+import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -125,6 +128,7 @@ class SubnetLease:
 
 
 BACKENDS = ("host-gw", "vxlan")
+_CLUSTER_ID_RE = re.compile(r"[a-zA-Z0-9-]{0,64}")
 VXLAN_VNI = 1
 
 
@@ -145,6 +149,9 @@ class NetworkConfig:
     subnet_max: IPNetwork | None = None
     fixed_ranges: tuple[IPNetwork, ...] = ()
     backend: str = "host-gw"
+    # Who this network is: set when the config is first written, remembered by every node (see
+    # ipamd/node_state.py). Not part of equality: the same network written again is the same.
+    cluster_id: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -159,6 +166,7 @@ class NetworkConfig:
         subnet_max: str = "",
         fixed_ranges: Iterable[str] = (),
         backend: str = "host-gw",
+        cluster_id: str = "",
     ) -> NetworkConfig:
         """Build from text (flags, RPC fields); ValueError with one clear sentence otherwise."""
         return cls(
@@ -168,7 +176,12 @@ class NetworkConfig:
             _cidr(subnet_max, "--subnet-max") if subnet_max else None,
             tuple(_cidr(r, "--fixed-range") for r in fixed_ranges),
             backend or "host-gw",
+            cluster_id,
         )
+
+    def with_new_cluster_id(self) -> NetworkConfig:
+        """This config as written for the first time: with a fresh random cluster ID."""
+        return dataclasses.replace(self, cluster_id=uuid.uuid4().hex)
 
     def validate(self) -> None:
         net = self.network
@@ -194,6 +207,8 @@ class NetworkConfig:
                 raise ValueError(f"--fixed-range {r} is not inside the network {net}")
         if self.backend not in BACKENDS:
             raise ValueError(f"--backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
+        if not isinstance(self.cluster_id, str) or not _CLUSTER_ID_RE.fullmatch(self.cluster_id):
+            raise ValueError(f"cluster ID {self.cluster_id!r} is not 0-64 letters, digits or -")
 
     # ---- which subnets nodes may lease ---------------------------------------------------------
     def _index_range(self) -> tuple[int, int]:
@@ -271,6 +286,8 @@ class NetworkConfig:
         if self.fixed_ranges:
             d["fixedRanges"] = [str(r) for r in self.fixed_ranges]
         d["backend"] = self.backend
+        if self.cluster_id:
+            d["clusterID"] = self.cluster_id
         return json.dumps(d).encode()
 
     @classmethod
@@ -284,6 +301,7 @@ class NetworkConfig:
             subnet_max=d.get("subnetMax") or "",
             fixed_ranges=d.get("fixedRanges") or (),
             backend=d.get("backend") or "host-gw",
+            cluster_id=d.get("clusterID") or "",
         )
 
 

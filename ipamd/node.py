@@ -2,6 +2,11 @@
 
 It composes the store, the subnet leases and the allocator, and answers the one question STATUS
 asks: can this node serve ADD right now?
+
+Callers of `allocate` and `release` hold the attachment's lock (`cni_plugin.attachments`): the CNI
+verbs around their whole verb, the gRPC servicer around the call. What NodeIpam starts on its own
+(the journal replay, the GC, the leak GC's release) takes the lock itself, one attachment at a
+time, and re-checks under it, so it never acts on a snapshot that a verb has since changed.
 """
 
 from __future__ import annotations
@@ -13,8 +18,10 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from cni_plugin.attachments import AttachmentBusy, AttachmentLocks
 from ipamd.allocator import NodeAllocator
-from ipamd.errors import NoLease
+from ipamd.errors import NoLease, StoreRecovering
+from ipamd.guard import StoreGuard
 from ipamd.journal import ReleaseJournal
 from ipamd.leases import SubnetLeaseManager
 from ipamd.model import Allocation, IPAddress, IPNetwork, Owner
@@ -22,6 +29,7 @@ from ipamd.pool import PoolStatus
 from ipamd.store.base import Store, StoreError, StoreUnavailable
 
 log = logging.getLogger(__name__)
+GC_LOCK_WAIT = 5.0  # seconds a GC release waits for an attachment busy with a CNI verb
 
 
 class AllocationTimer(Protocol):
@@ -50,9 +58,13 @@ class NodeIpam:
         *,
         journal: ReleaseJournal | None = None,
         store_grace: float = 30.0,
+        locks: AttachmentLocks | None = None,
+        guard: StoreGuard | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
+        self.guard = guard
+        self.locks = locks or AttachmentLocks()
         self.node = node
         self.leases = leases
         self.allocator = allocator
@@ -77,6 +89,8 @@ class NodeIpam:
     ) -> tuple[Allocation, bool]:
         timer = self.metrics.time_allocation() if self.metrics is not None else nullcontext()
         with timer:  # a missing lease counts as an "unavailable" allocation failure
+            if self.guard is not None and (why := self.guard.reason()) is not None:
+                raise StoreRecovering(why)
             if not self.leases.has_lease():
                 raise NoLease(f"node {self.node} holds no subnet lease")
             if self.journal is not None and owner.handle in self.journal:
@@ -108,18 +122,29 @@ class NodeIpam:
         return alloc
 
     def replay_journal(self) -> int:
-        """Apply journaled releases in order; stop at the first that still cannot reach the store.
+        """Apply journaled releases; stop at the first that still cannot reach the store.
 
-        Returns how many are left.
+        Each entry is re-read under its attachment's lock: an ADD that took the handle back (and
+        applied the entry itself) or a newer DEL that journaled it again wins over this snapshot.
+        An attachment busy with a verb is left for the next round. Returns how many are left.
         """
         if self.journal is None:
             return 0
         for entry in self.journal.pending():
+            key = (entry.handle[1], entry.handle[2])
             try:
+                self.locks.acquire(key, timeout=0)
+            except AttachmentBusy:
+                continue
+            try:
+                if self.journal.entry(entry.handle) != entry:
+                    continue
                 alloc = self.allocator.release(*entry.handle)
+                self.journal.done(entry.handle)
             except StoreUnavailable:
                 break
-            self.journal.done(entry.handle)
+            finally:
+                self.locks.release(key)
             log.info(
                 "journaled release of %s applied%s",
                 "/".join(entry.handle),
@@ -128,10 +153,11 @@ class NodeIpam:
         return len(self.journal)
 
     def release_if_unchanged(self, alloc: Allocation) -> bool:
-        """Release `alloc` only if the store still holds exactly it (GC re-validation)."""
-        if self.allocator.stored(alloc) is None:
-            return False
-        return self.allocator.release(*alloc.owner.handle) is not None
+        """Release `alloc` only if the store still holds exactly it (leak GC re-validation)."""
+        with self.locks.hold((alloc.owner.container_id, alloc.owner.ifname), GC_LOCK_WAIT):
+            if self.allocator.stored(alloc) is None:
+                return False
+            return self.allocator.release(*alloc.owner.handle) is not None
 
     def collect_garbage(
         self,
@@ -140,18 +166,23 @@ class NodeIpam:
         before_release: Callable[[str], object] | None = None,
     ) -> GarbageReport:
         """The one GC path (CNI GC and the gRPC GC): release every allocation of `network` whose
-        (container ID, ifname) is not in `keep`, each owner-checked; `before_release(host_veth)`
-        runs first for those with a host veth (the CNI GC deletes it). Goes on past failures."""
+        (container ID, ifname) is not in `keep`, each owner-checked under its attachment's lock;
+        `before_release(host_veth)` runs first for those with a host veth (the CNI GC deletes it).
+        Goes on past failures."""
         report = GarbageReport()
         for alloc in self.allocations(network):
-            if (alloc.owner.container_id, alloc.owner.ifname) in keep:
+            key = (alloc.owner.container_id, alloc.owner.ifname)
+            if key in keep:
                 continue
             try:
-                if before_release is not None and alloc.host_veth:
-                    before_release(alloc.host_veth)
-                if self.release(*alloc.owner.handle) is not None:
-                    report.released.append(alloc)
-                    log.info("GC released %s of %s", alloc.ip, "/".join(alloc.owner.handle))
+                with self.locks.hold(key, GC_LOCK_WAIT):
+                    if self.allocator.get(*alloc.owner.handle) != alloc:
+                        continue  # released or replaced while we waited
+                    if before_release is not None and alloc.host_veth:
+                        before_release(alloc.host_veth)
+                    if self.release(*alloc.owner.handle) is not None:
+                        report.released.append(alloc)
+                        log.info("GC released %s of %s", alloc.ip, "/".join(alloc.owner.handle))
             except Exception as exc:  # noqa: BLE001 - GC goes on and reports every failure
                 report.failures.append(f"{alloc.ip}: {exc}")
         return report
@@ -172,7 +203,10 @@ class NodeIpam:
         does not flap the node to NotReady (ADD still answers "try again later" meanwhile).
         """
         try:
-            self.store.ping()
+            if self.guard is not None:
+                self.guard.probe()  # the same one read, and it notices a store that lost data
+            else:
+                self.store.ping()
             self._store_down_since = None
         except StoreError as exc:
             now = self.clock()
@@ -181,6 +215,8 @@ class NodeIpam:
             down = now - self._store_down_since
             if down >= self.store_grace:
                 return f"IPAM store is unreachable (for {down:.0f} s): {exc}"
+        if self.guard is not None and (why := self.guard.reason()) is not None:
+            return why
         if not self.leases.has_lease():
             return f"node {self.node} holds no subnet lease"
         return None

@@ -128,8 +128,9 @@ class ClusterOps:
 
         ConfigMismatch if a different one is: the network cannot change under leased subnets.
         """
-        if self.store.create(self.keys.config(), config.to_json()):
-            log.info("network config written: %s", config.to_json().decode())
+        written = config if config.cluster_id else config.with_new_cluster_id()
+        if self.store.create(self.keys.config(), written.to_json()):
+            log.info("network config written: %s", written.to_json().decode())
             return True
         stored = self.network()
         if stored == config:
@@ -314,10 +315,12 @@ class ClusterOps:
     def remove_node(self, node: str) -> NodeRemoval:
         """Free a gone node's subnet leases, its IP records (with handles) and cooldown records.
 
-        Records first, subnet keys last, so no other node can lease a subnet that still has
-        records being deleted. Every batch compares each key's mod revision. The node's store
-        lease is left to expire: a daemon that is still alive sees its subnet keys deleted under
-        a live lease, which tells it an admin removed them (not an expiry to re-claim).
+        A removal record first (`Keys.removal`), then records, subnet keys last, so no other
+        node can lease a subnet that still has records being deleted. Every batch compares each
+        key's mod revision. A daemon of that node that is still alive sees its subnets deleted
+        with the removal record present, so it knows an admin removed them (it stops using them;
+        without the record it would take them for lost and claim them back). The record goes
+        when that node's daemon starts afresh.
         """
         if node == self.node:
             raise Refused(
@@ -328,6 +331,10 @@ class ClusterOps:
         if not subnet_kvs:
             raise NotFound(f"node {node} holds no subnet lease")
         subnets = sorted(subnet_kvs, key=lambda s: int(s.network_address))
+        # First the removal record: a live daemon of `node` that sees its subnets vanish then
+        # knows they were removed on purpose, not lost by the store (which it would claim back).
+        record = {"at": self.clock(), "by": self.node, "subnets": [str(s) for s in subnets]}
+        self.store.put(self.keys.removal(node), json.dumps(record).encode())
         ips = self._delete_in_batches(self._ip_groups(subnets), self._rebuild_ip_group)
         released = self._delete_in_batches(
             [[(kv.key, kv.mod_revision)] for kv in self._released_kvs(subnets)],

@@ -9,10 +9,13 @@ import ipaddress
 
 import grpc
 
+from cni_plugin.attachments import AttachmentLocks
 from ipamd.api.v1 import ipam_pb2, ipam_pb2_grpc
 from ipamd.grpc_status import abort
 from ipamd.model import Allocation, Owner
 from ipamd.node import NodeIpam
+
+LOCK_WAIT = 5.0  # seconds an RPC waits for an attachment busy with a CNI verb
 
 
 def allocation_pb(a: Allocation) -> ipam_pb2.Allocation:
@@ -37,9 +40,14 @@ def allocation_pb(a: Allocation) -> ipam_pb2.Allocation:
 
 
 class IpamServicer(ipam_pb2_grpc.IpamServicer):
-    def __init__(self, ipam: NodeIpam, cooldown: float) -> None:
+    """Allocate and Release hold the attachment's lock, like the CNI verbs of the same node."""
+
+    def __init__(
+        self, ipam: NodeIpam, cooldown: float, locks: AttachmentLocks | None = None
+    ) -> None:
         self.ipam = ipam
         self.cooldown = cooldown
+        self.locks = locks or AttachmentLocks()
 
     def Allocate(
         self, request: ipam_pb2.AllocateRequest, context: grpc.ServicerContext
@@ -51,11 +59,14 @@ class IpamServicer(ipam_pb2_grpc.IpamServicer):
             requested = (
                 ipaddress.ip_interface(request.requested_ip).ip if request.requested_ip else None
             )
-            alloc, existed = self.ipam.allocate(
-                Owner(o.network, o.container_id, o.ifname, o.pod_namespace, o.pod_name, o.pod_uid),
-                netns=request.netns,
-                requested=requested,
-            )
+            with self.locks.hold((o.container_id, o.ifname), LOCK_WAIT):
+                alloc, existed = self.ipam.allocate(
+                    Owner(
+                        o.network, o.container_id, o.ifname, o.pod_namespace, o.pod_name, o.pod_uid
+                    ),
+                    netns=request.netns,
+                    requested=requested,
+                )
         except Exception as exc:  # noqa: BLE001 - mapped to a status code
             abort(context, exc)
             raise
@@ -66,7 +77,8 @@ class IpamServicer(ipam_pb2_grpc.IpamServicer):
     ) -> ipam_pb2.ReleaseResponse:
         h = request.handle
         try:
-            alloc = self.ipam.release(h.network, h.container_id, h.ifname)
+            with self.locks.hold((h.container_id, h.ifname), LOCK_WAIT):
+                alloc = self.ipam.release(h.network, h.container_id, h.ifname)
         except Exception as exc:  # noqa: BLE001
             abort(context, exc)
             raise
@@ -116,4 +128,5 @@ class IpamServicer(ipam_pb2_grpc.IpamServicer):
             ],
             allocations=[allocation_pb(a) for a in self.ipam.allocations()],
             cooldown_seconds=self.cooldown,
+            conflicts=list(guard.conflicts) if (guard := getattr(self.ipam, "guard", None)) else [],
         )

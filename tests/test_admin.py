@@ -507,7 +507,9 @@ def test_daemon_without_network_waits_for_network_init(
     assert fails(ctl(d, *init[:-1], "10.241.0.0/31"), "different network config")
     shown = ctl(d, "network", "show")
     assert "fixed-ranges  10.241.0.0/30" in shown.stdout and "backend       host-gw" in shown.stdout
-    assert ctl_json(d, "network", "show") == {
+    shown_json = ctl_json(d, "network", "show")
+    assert len(shown_json.pop("clusterID")) == 32  # named when first written
+    assert shown_json == {
         "network": "10.241.0.0/29",
         "subnetLen": 30,
         "subnetMin": "",

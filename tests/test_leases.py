@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from ipamd.allocator import NodeAllocator
-from ipamd.errors import NetworkExhausted, NoLease
+from ipamd.errors import NetworkExhausted
 from ipamd.leases import RENEW_RETRY, SubnetLeaseManager
 from ipamd.model import NetworkConfig, Owner, SubnetLease
 from ipamd.node import NodeIpam
@@ -60,7 +60,7 @@ class Env:
         """Let the node's store lease run out and wait until the store has reaped it."""
         self.elapse(TTL + (0.001 if self.elapse == self.clock.advance else 0.6))
         deadline = time.monotonic() + 6
-        while self.store.lease_ttl_remaining(mgr._lease_id) is not None:
+        while self.store.lease_ttl_remaining(mgr.lease_id) is not None:
             assert time.monotonic() < deadline, "lease did not expire"
             time.sleep(0.05)
 
@@ -98,11 +98,11 @@ def test_claim_writes_lease_record_with_node_time_and_public_ip(env: Env) -> Non
     assert lease is not None
     assert (lease.node, lease.since, lease.public_ip) == ("mls-a", env.clock(), "198.51.100.7")
     kv = env.store.get(env.keys.subnet(ipaddress.ip_network("10.237.0.0/24")))
-    assert kv is not None and kv.lease == mgr._lease_id != 0
+    assert kv is not None and kv.lease == mgr.lease_id != 0
     remaining = env.store.lease_ttl_remaining(kv.lease)
     assert remaining is not None and 0 < remaining <= TTL
     state = json.loads((env.tmp / "lease-mls-a.json").read_text())
-    assert state == {"node": "mls-a", "subnets": ["10.237.0.0/24"]}
+    assert (state["node"], state["subnets"]) == ("mls-a", ["10.237.0.0/24"])
 
 
 def test_claim_order_own_lease_then_state_file_then_free(env: Env) -> None:
@@ -141,22 +141,25 @@ def test_expired_lease_is_reclaimed_with_the_same_subnet(env: Env) -> None:
     assert lease is not None and lease.node == "mls-a"
 
 
-def test_subnet_taken_while_lease_lost_stops_allocation(env: Env) -> None:
-    """The node that lost its last lease stops allocating, and says why (health, STATUS)."""
-    a = env.manager("mls-a")
+def test_subnet_taken_while_lease_lost_is_never_used_again(env: Env) -> None:
+    """The node whose subnet another node took while its lease was lost never allocates from it
+    again: it reports the conflict and serves new pods from a subnet of its own."""
+    conflicts: list[tuple[str, str]] = []
+    a = env.manager("mls-a", on_conflict=lambda kind, sentence: conflicts.append((kind, sentence)))
     a.acquire()
     allocator = NodeAllocator(env.store, env.keys, "mls-a", a, cooldown=0, clock=env.clock)
     allocator.load()
     ipam = NodeIpam(env.store, "mls-a", a, allocator)
-    ipam.allocate(Owner("net", "c1", "eth0"))
+    first, _ = ipam.allocate(Owner("net", "c1", "eth0"))
     env.expire(a)
     env.manager("mls-b").acquire()  # the free subnet is the one a lost
     assert env.holder("10.237.0.0/24").node == "mls-b"  # type: ignore[union-attr]
-    assert a.renew_once() is True  # the store answered ...
-    assert not a.has_lease()  # ... but the subnet is gone
-    assert "holds no subnet lease" in (ipam.not_ready_reason() or "")
-    with pytest.raises(NoLease):
-        ipam.allocate(Owner("net", "c2", "eth0"))
+    assert a.renew_once() is True
+    assert [kind for kind, _ in conflicts] == ["subnet"] and "held by mls-b" in conflicts[0][1]
+    assert a.subnets == [ipaddress.ip_network("10.237.1.0/24")]
+    second, _ = ipam.allocate(Owner("net", "c2", "eth0"))
+    assert second.ip in ipaddress.ip_network("10.237.1.0/24")
+    assert ipam.not_ready_reason() is None
 
 
 def test_concurrent_claims_get_distinct_subnets(env: Env) -> None:

@@ -592,6 +592,24 @@ def test_peers_see_each_other(
     ]
 
 
+def test_identity_names_the_store_and_its_revision(backend: Backend, store: Store) -> None:
+    """One read gives the key and the store's identity: stable for one store, shared by its
+    peers, and a revision that moves with the writes."""
+    rev = store.put("/id/k", b"v")
+    kv, identity = store.get_with_identity("/id/k")
+    assert kv is not None and kv.value == b"v" and kv.mod_revision == rev
+    assert identity.revision == rev and identity.cluster
+    missing, again = store.get_with_identity("/id/none")
+    assert missing is None and again.cluster == identity.cluster
+    peer = backend.open_peer()
+    try:
+        assert peer.get_with_identity("/id/k")[1] == identity
+    finally:
+        peer.close()
+    later = store.put("/id/k", b"w")
+    assert store.get_with_identity("/id/k")[1].revision == later > rev
+
+
 def test_closed_store_is_unavailable(backend: Backend) -> None:
     s = backend.open_peer()
     s.close()
@@ -668,6 +686,19 @@ def test_sqlite_state_survives_reopen(tmp_path: Path) -> None:
         assert s.grant_lease(10) > lease  # ids are never reused
     finally:
         s.close()
+
+
+def test_sqlite_identity_survives_reopen_and_a_new_file_is_a_new_store(tmp_path: Path) -> None:
+    with SqliteStore(str(tmp_path / "s.db")) as s:
+        s.put("/k", b"")
+        first = s.get_with_identity("/k")[1]
+    with SqliteStore(str(tmp_path / "s.db")) as s:
+        assert s.get_with_identity("/k")[1] == first
+    (tmp_path / "s.db").unlink()
+    with SqliteStore(str(tmp_path / "s.db")) as s:
+        wiped = s.get_with_identity("/k")
+        assert wiped[0] is None and wiped[1].cluster != first.cluster
+        assert wiped[1].revision < first.revision
 
 
 _WRITER = """

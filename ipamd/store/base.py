@@ -99,6 +99,16 @@ class TxnResult:
 
 
 @dataclass(frozen=True)
+class StoreIdentity:
+    """Which store answered and how far its history goes. A daemon remembers both: a store that
+    answers under another `cluster` is not the one it wrote to, and one whose `revision` went
+    below a revision already seen was rolled back (restored from an older backup)."""
+
+    cluster: str
+    revision: int
+
+
+@dataclass(frozen=True)
 class WatchEvent:
     """One key change. `value` is empty for deletes; `revision` is the revision of the change."""
 
@@ -113,6 +123,8 @@ class Store(Protocol):
     """What callers may rely on. See the module docstring for the model."""
 
     def get(self, key: str) -> KeyValue | None: ...
+
+    def get_with_identity(self, key: str) -> tuple[KeyValue | None, StoreIdentity]: ...
 
     def list_prefix(self, prefix: str) -> tuple[list[KeyValue], int]: ...
 
@@ -227,6 +239,10 @@ class StoreBase(ABC):
 
     @abstractmethod
     def get(self, key: str) -> KeyValue | None: ...
+
+    @abstractmethod
+    def get_with_identity(self, key: str) -> tuple[KeyValue | None, StoreIdentity]:
+        """`get`, plus the identity of the store that answered it, from one read."""
 
     @abstractmethod
     def list_prefix(self, prefix: str) -> tuple[list[KeyValue], int]:

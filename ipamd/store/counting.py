@@ -18,6 +18,7 @@ from ipamd.store.base import (
     Put,
     Store,
     StoreError,
+    StoreIdentity,
     TxnResult,
     WatchEvent,
 )
@@ -53,6 +54,10 @@ class CountingStore:
     @_counted
     def get(self, key: str) -> KeyValue | None:
         return self.store.get(key)
+
+    @_counted
+    def get_with_identity(self, key: str) -> tuple[KeyValue | None, StoreIdentity]:
+        return self.store.get_with_identity(key)
 
     @_counted
     def list_prefix(self, prefix: str) -> tuple[list[KeyValue], int]:

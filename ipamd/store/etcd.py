@@ -33,6 +33,7 @@ from ipamd.store.base import (
     Put,
     StoreBase,
     StoreError,
+    StoreIdentity,
     StoreUnavailable,
     TxnResult,
     WatchCompacted,
@@ -155,6 +156,12 @@ class EtcdStore(StoreBase):
     def get(self, key: str) -> KeyValue | None:
         r = self._call("kvstub", "Range", etcdrpc.RangeRequest(key=_b(check_key(key))))
         return _kv(r.kvs[0]) if r.kvs else None
+
+    def get_with_identity(self, key: str) -> tuple[KeyValue | None, StoreIdentity]:
+        """The response header names the cluster (etcd's cluster ID) and its revision."""
+        r = self._call("kvstub", "Range", etcdrpc.RangeRequest(key=_b(check_key(key))))
+        identity = StoreIdentity(f"{r.header.cluster_id:x}", int(r.header.revision))
+        return (_kv(r.kvs[0]) if r.kvs else None), identity
 
     def list_prefix(self, prefix: str) -> tuple[list[KeyValue], int]:
         """All keys under `prefix`, paged, every page read at the first page's revision."""

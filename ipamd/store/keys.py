@@ -11,6 +11,8 @@ key                                         value / meaning
 ``/moor/handles/<network>/<cid>/<ifname>``  index: attachment -> its IPs
 ``/moor/released/10.244.3.5``               cooldown record of a released IP (FIFO by
                                             create_revision)
+``/moor/removed/<node>``                    removal record: ``moorctl node remove`` removed
+                                            the node's subnets on purpose
 ==========================================  ==================================================
 
 Addresses are written in one canonical text form (IPv4 dotted quad; IPv6 RFC 5952 lower-case
@@ -35,6 +37,7 @@ IPNetwork = IPv4Network | IPv6Network
 _NAME_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.\-]*", re.ASCII)
 _PREFIX_SEGMENT_RE = re.compile(r"[a-zA-Z0-9_.\-]+", re.ASCII)
 _DIGITS_RE = re.compile(r"0|[1-9][0-9]*", re.ASCII)
+_NODE_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.\-]{0,252}", re.ASCII)  # hostnames and more
 _IFNAMSIZ = 16  # Linux: including the trailing NUL
 
 
@@ -50,6 +53,11 @@ def valid_network_name(name: object) -> bool:
 def valid_container_id(cid: object) -> bool:
     """CNI container-ID rules (same charset as network names)."""
     return _valid_name(cid)
+
+
+def valid_node_name(name: object) -> bool:
+    """A node name that can be a key segment: hostnames and Kubernetes node names."""
+    return isinstance(name, str) and _NODE_RE.fullmatch(name) is not None
 
 
 def valid_ifname(name: object) -> bool:
@@ -221,6 +229,15 @@ class Keys:
         if not (valid_network_name(network) and valid_container_id(cid) and valid_ifname(ifname)):
             return None
         return network, cid, ifname
+
+    # -- node removals ----------------------------------------------------------------------
+
+    def removal(self, node: str) -> str:
+        """Written by `moorctl node remove` before it deletes anything of `node`: its subnets
+        vanished on purpose, not because the store lost them."""
+        if not valid_node_name(node):
+            raise ValueError(f"invalid node name {node!r}")
+        return f"{self.prefix}/removed/{node}"
 
     # -- released-IP cooldown ----------------------------------------------------------------
 

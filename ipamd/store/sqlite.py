@@ -28,6 +28,7 @@ import os
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Literal
@@ -40,6 +41,7 @@ from ipamd.store.base import (
     Put,
     StoreBase,
     StoreError,
+    StoreIdentity,
     StoreUnavailable,
     TxnResult,
     WatchCompacted,
@@ -64,6 +66,10 @@ CREATE TABLE IF NOT EXISTS meta (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     revision INTEGER NOT NULL,
     compacted INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS identity (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    cluster TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS kv (
     key BLOB PRIMARY KEY,
@@ -278,6 +284,10 @@ class SqliteStore(StoreBase):
                     "INSERT OR IGNORE INTO meta (id, revision, compacted) VALUES (1, ?, 0)",
                     (_INITIAL_REVISION,),
                 )
+                conn.execute(  # a new file is a new store, as a new etcd cluster is
+                    "INSERT OR IGNORE INTO identity (id, cluster) VALUES (1, ?)",
+                    (uuid.uuid4().hex,),
+                )
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 conn.execute("COMMIT")
             except BaseException:
@@ -355,6 +365,17 @@ class SqliteStore(StoreBase):
         if row is None:
             return None
         return KeyValue(key, bytes(row[0]), row[1], row[2], row[3])
+
+    def get_with_identity(self, key: str) -> tuple[KeyValue | None, StoreIdentity]:
+        kb = _b(check_key(key))
+        with self._read() as conn:
+            row = conn.execute(
+                "SELECT value, create_rev, mod_rev, lease FROM kv WHERE key = ?", (kb,)
+            ).fetchone()
+            rev = conn.execute("SELECT revision FROM meta WHERE id = 1").fetchone()[0]
+            cluster = conn.execute("SELECT cluster FROM identity WHERE id = 1").fetchone()[0]
+        kv = None if row is None else KeyValue(key, bytes(row[0]), row[1], row[2], row[3])
+        return kv, StoreIdentity(cluster, rev)
 
     def list_prefix(self, prefix: str) -> tuple[list[KeyValue], int]:
         if not isinstance(prefix, str):

@@ -170,6 +170,42 @@ class EtcdServer:
         )
         return r.stdout
 
+    def wipe_data_dir(self) -> None:
+        """Stop, delete the data dir, start again on the same ports: an etcd that lost it all."""
+        self.stop()
+        shutil.rmtree(self.workdir / "data", ignore_errors=True)
+        self.start()
+
+    def snapshot(self, path: Path) -> None:
+        self.etcdctl("snapshot", "save", str(path))
+
+    def restore(self, path: Path) -> None:
+        """Stop, restore `path` into a fresh data dir, start: an etcd rolled back to a backup."""
+        self.stop()
+        shutil.rmtree(self.workdir / "data", ignore_errors=True)
+        env = {**os.environ, "ETCDCTL_API": "3"}
+        peer = f"http://127.0.0.1:{self.peer_port}"
+        subprocess.run(
+            [
+                "etcdctl",
+                "snapshot",
+                "restore",
+                str(path),
+                "--data-dir",
+                str(self.workdir / "data"),
+                "--name",
+                self.name,
+                "--initial-cluster",
+                f"{self.name}={peer}",
+                "--initial-advertise-peer-urls",
+                peer,
+            ],  # fmt: skip
+            capture_output=True,
+            env=env,
+            check=True,
+        )
+        self.start()
+
     def wipe(self) -> None:
         """Delete every key and revoke every lease (tests that count revisions start clean)."""
         self.etcdctl("del", "", "--from-key")

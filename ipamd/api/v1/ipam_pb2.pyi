@@ -141,7 +141,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("node", "ready", "reason", "network", "subnets", "allocations", "cooldown_seconds")
+    __slots__ = ("node", "ready", "reason", "network", "subnets", "allocations", "cooldown_seconds", "conflicts")
     NODE_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
@@ -149,6 +149,7 @@ class StatusResponse(_message.Message):
     SUBNETS_FIELD_NUMBER: _ClassVar[int]
     ALLOCATIONS_FIELD_NUMBER: _ClassVar[int]
     COOLDOWN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CONFLICTS_FIELD_NUMBER: _ClassVar[int]
     node: str
     ready: bool
     reason: str
@@ -156,23 +157,26 @@ class StatusResponse(_message.Message):
     subnets: _containers.RepeatedCompositeFieldContainer[SubnetStatus]
     allocations: _containers.RepeatedCompositeFieldContainer[Allocation]
     cooldown_seconds: float
-    def __init__(self, node: _Optional[str] = ..., ready: _Optional[bool] = ..., reason: _Optional[str] = ..., network: _Optional[str] = ..., subnets: _Optional[_Iterable[_Union[SubnetStatus, _Mapping]]] = ..., allocations: _Optional[_Iterable[_Union[Allocation, _Mapping]]] = ..., cooldown_seconds: _Optional[float] = ...) -> None: ...
+    conflicts: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, node: _Optional[str] = ..., ready: _Optional[bool] = ..., reason: _Optional[str] = ..., network: _Optional[str] = ..., subnets: _Optional[_Iterable[_Union[SubnetStatus, _Mapping]]] = ..., allocations: _Optional[_Iterable[_Union[Allocation, _Mapping]]] = ..., cooldown_seconds: _Optional[float] = ..., conflicts: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class NetworkConfig(_message.Message):
-    __slots__ = ("network", "subnet_len", "subnet_min", "subnet_max", "fixed_ranges", "backend")
+    __slots__ = ("network", "subnet_len", "subnet_min", "subnet_max", "fixed_ranges", "backend", "cluster_id")
     NETWORK_FIELD_NUMBER: _ClassVar[int]
     SUBNET_LEN_FIELD_NUMBER: _ClassVar[int]
     SUBNET_MIN_FIELD_NUMBER: _ClassVar[int]
     SUBNET_MAX_FIELD_NUMBER: _ClassVar[int]
     FIXED_RANGES_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
     network: str
     subnet_len: int
     subnet_min: str
     subnet_max: str
     fixed_ranges: _containers.RepeatedScalarFieldContainer[str]
     backend: str
-    def __init__(self, network: _Optional[str] = ..., subnet_len: _Optional[int] = ..., subnet_min: _Optional[str] = ..., subnet_max: _Optional[str] = ..., fixed_ranges: _Optional[_Iterable[str]] = ..., backend: _Optional[str] = ...) -> None: ...
+    cluster_id: str
+    def __init__(self, network: _Optional[str] = ..., subnet_len: _Optional[int] = ..., subnet_min: _Optional[str] = ..., subnet_max: _Optional[str] = ..., fixed_ranges: _Optional[_Iterable[str]] = ..., backend: _Optional[str] = ..., cluster_id: _Optional[str] = ...) -> None: ...
 
 class NetworkShowRequest(_message.Message):
     __slots__ = ()
