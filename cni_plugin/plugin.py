@@ -17,9 +17,10 @@ import threading
 from collections.abc import Callable
 from contextlib import ExitStack
 
+from cni_plugin import deadline
 from cni_plugin.datapath import bridge as br
 from cni_plugin.datapath import veth
-from cni_plugin.datapath.errors import LinkExists, LinkNotFound, PodInterfaceExists
+from cni_plugin.datapath.errors import LinkExists, LinkNotFound, NetnsError, PodInterfaceExists
 from cni_plugin.datapath.inventory import lookup_bridge
 from cni_plugin.datapath.masq import MasqueradeRules
 from cni_plugin.datapath.netns import netns_inode
@@ -78,7 +79,13 @@ class MoorPlugin:
             raise CNIError(
                 INVALID_ENVIRONMENT, f"CNI_NETNS {req.netns!r} cannot be opened: {reason}"
             )
-        if netns_inode(req.netns_fd) == self.own_netns_inode:
+        try:
+            inode = netns_inode(req.netns_fd)
+        except NetnsError as exc:  # e.g. the empty mount-point file of an unmounted netns
+            raise CNIError(
+                INVALID_ENVIRONMENT, f"CNI_NETNS {req.netns!r} is not a network namespace ({exc})"
+            ) from exc
+        if inode == self.own_netns_inode:
             raise CNIError(
                 INVALID_ENVIRONMENT, f"CNI_NETNS {req.netns!r} is the host's own network namespace"
             )
@@ -235,6 +242,7 @@ class MoorPlugin:
             if conf.ip_masq and alloc is not None:
                 self._ensure_masquerade()
             self._fault("before-result", req)
+            deadline.check("ADD")  # an ADD that overran rolls back rather than commit
             undo.pop_all()
         return Result(
             interfaces=[
