@@ -120,7 +120,9 @@ class CniEndpoint:
                     self._read(key.data)
             now = time.monotonic()
             while self._conns and (oldest := next(iter(self._conns))).cutoff <= now:
-                self._cut_off(oldest, f"did not send its request within {self.read_limit:g} s")
+                self._cut_off(
+                    oldest, f"the client did not send its request within {self.read_limit:g} s"
+                )
         for conn in list(self._conns):
             self._drop(conn)
 
@@ -133,13 +135,15 @@ class CniEndpoint:
             except OSError as exc:  # EMFILE: shed the oldest slow client, or pause a little
                 log.warning("CNI endpoint: accept failed: %s", exc)
                 if self._conns:
-                    self._cut_off(next(iter(self._conns)), "out of file descriptors")
+                    self._cut_off(next(iter(self._conns)), "evicted: out of file descriptors")
                 else:
                     time.sleep(0.05)
                 return
             sock.setblocking(False)
             if len(self._conns) >= READING_LIMIT:
-                self._cut_off(next(iter(self._conns)), "evicted: too many connections sending")
+                self._cut_off(
+                    next(iter(self._conns)), "evicted: too many connections still sending"
+                )
             conn = _Conn(sock, time.monotonic(), self.read_limit)
             self._conns[conn] = None
             self._sel.register(sock, selectors.EVENT_READ, conn)
@@ -211,8 +215,8 @@ class CniEndpoint:
         if conn.draining:
             self._reject(conn, complete=False)
         else:
-            log.warning("CNI endpoint: a client %s; cut off", why)
-            self._answer(conn, TRY_AGAIN_LATER, f"moor-ipamd cut the connection off: it {why}")
+            log.warning("CNI endpoint: connection cut off: %s", why)
+            self._answer(conn, TRY_AGAIN_LATER, f"moor-ipamd cut the connection off: {why}")
 
     def _answer(self, conn: _Conn, code: int, msg: str) -> None:
         """Best-effort reply from this thread (never blocks), then close."""
