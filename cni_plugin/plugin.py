@@ -20,10 +20,11 @@ import threading
 from collections.abc import Callable
 from contextlib import ExitStack
 
+from cni_plugin import deadline
 from cni_plugin.attachments import AttachmentLocks, Key
 from cni_plugin.datapath import bridge as br
 from cni_plugin.datapath import inventory, veth
-from cni_plugin.datapath.errors import LinkExists, LinkNotFound, PodInterfaceExists
+from cni_plugin.datapath.errors import LinkExists, LinkNotFound, NetnsError, PodInterfaceExists
 from cni_plugin.datapath.masq import MasqueradeRules
 from cni_plugin.datapath.netns import netns_inode
 from cni_plugin.errors import (
@@ -45,7 +46,9 @@ from cni_plugin.skel import Request
 
 log = logging.getLogger(__name__)
 DEFAULT_V4 = ipaddress.ip_network("0.0.0.0/0")
-LOCK_WAIT = 5.0  # seconds a verb waits for its attachment's lock when no deadline says otherwise
+LOCK_WAIT = (
+    5.0  # at most this long, and never past the request's deadline, a verb waits for its lock
+)
 # Test-only fault injection (the reference bridge has debugPostIPAMError for the same reason).
 FaultHook = Callable[[str, Request], None]
 
@@ -63,7 +66,7 @@ class MoorPlugin:
         own_netns_inode: int,
         locks: AttachmentLocks | None = None,
         reaper: HostVethReaper | None = None,
-        lock_wait: Callable[[], float] = lambda: LOCK_WAIT,
+        lock_wait: Callable[[], float] = lambda: min(LOCK_WAIT, deadline.remaining()),
         fault_hook: FaultHook | None = None,
     ) -> None:
         self.ipam = ipam
@@ -91,7 +94,13 @@ class MoorPlugin:
             raise CNIError(
                 INVALID_ENVIRONMENT, f"CNI_NETNS {req.netns!r} cannot be opened: {reason}"
             )
-        if netns_inode(req.netns_fd) == self.own_netns_inode:
+        try:
+            inode = netns_inode(req.netns_fd)
+        except NetnsError as exc:  # e.g. the empty mount-point file of an unmounted netns
+            raise CNIError(
+                INVALID_ENVIRONMENT, f"CNI_NETNS {req.netns!r} is not a network namespace ({exc})"
+            ) from exc
+        if inode == self.own_netns_inode:
             raise CNIError(
                 INVALID_ENVIRONMENT, f"CNI_NETNS {req.netns!r} is the host's own network namespace"
             )
@@ -256,6 +265,7 @@ class MoorPlugin:
             if conf.ip_masq and alloc is not None:
                 self._ensure_masquerade()
             self._fault("before-result", req)
+            deadline.check("ADD")  # an ADD that overran rolls back rather than commit
             undo.pop_all()
         return Result(
             interfaces=[

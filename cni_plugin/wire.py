@@ -4,6 +4,11 @@
   response = b"<exit code> <stdout length>\\n" + stdout + stderr
 
 The same request bytes, without the fd, are what the shim spools for a DEL the daemon missed.
+
+MAX_REQUEST bounds the whole request (header and stdin): the daemon answers code 7 past it, and the
+shim, which cannot import this module (it imports interpreter built-ins only), keeps its own copy
+of the number and refuses such a config before connecting; tests/test_shim.py checks the two are
+equal. 4 MiB is far above any real network config (a few KiB, a big prevResult tens of KiB).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MAGIC = b"MOOR1"
+MAX_REQUEST = 4 << 20  # bytes; bin/moor's MAX_REQUEST must be the same number
 NETNS_ERRNO_KEY = "MOOR_NETNS_ERRNO"
 
 

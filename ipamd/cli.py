@@ -397,6 +397,8 @@ def error_line(exc: Any, socket: str) -> str:
         return f"cannot reach moor-ipamd at {socket}: is it running?"
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return f"moor-ipamd at {socket} did not answer in time"
+    if code == grpc.StatusCode.PERMISSION_DENIED:  # the daemon's peer-uid check
+        return f"permission denied: {details or 'only root may use moor-ipamd'}"
     if code == grpc.StatusCode.UNIMPLEMENTED:
         return f"moor-ipamd at {socket} does not serve this call (an older version?)"
     return details or code.name

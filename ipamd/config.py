@@ -19,6 +19,10 @@ import yaml
 from ipamd.model import NetworkConfig
 from ipamd.store.keys import valid_node_name
 
+# bin/moor gives up on a reply after REPLY_TIMEOUT (30 s); the daemon answers within the deadline
+# plus the watchdog's margin, so the deadline must leave room for both.
+MAX_REQUEST_DEADLINE = 25.0
+
 
 @dataclass
 class DaemonConfig:
@@ -63,8 +67,11 @@ class DaemonConfig:
             raise ValueError("cooldown and leak-gc-grace must be >= 0, lease-ttl > 0")
         if self.workers < 1:
             raise ValueError("--workers must be at least 1")
-        if self.request_deadline <= 0 or self.store_grace < 0:
-            raise ValueError("--request-deadline must be > 0 and --store-grace >= 0")
+        if not 0 < self.request_deadline <= MAX_REQUEST_DEADLINE or self.store_grace < 0:
+            raise ValueError(
+                f"--request-deadline must be > 0 and at most {MAX_REQUEST_DEADLINE:g} (bin/moor"
+                " waits 30 s for a reply), --store-grace >= 0"
+            )
         if bool(self.etcd_certfile) != bool(self.etcd_keyfile):
             raise ValueError("--etcd-certfile and --etcd-keyfile go together (mTLS)")
         for name in ("etcd_cafile", "etcd_certfile", "etcd_keyfile"):
@@ -77,10 +84,12 @@ class DaemonConfig:
             split_host_port(self.metrics_addr, "--metrics-addr")
 
     def store_options(self) -> dict[str, Any]:
-        """Backend options: one store request may take a third of the request deadline, so a
-        CNI call that meets an unreachable store still answers "try again later" in time."""
+        """Backend options: one store request may take a third of the request deadline (etcd's
+        RPC timeout, SQLite's busy wait for a lock another process holds), so a CNI call that
+        meets an unreachable or locked store still answers "try again later" in time, and a DEL
+        has time left to journal its release. Inside a request the remaining time caps it too."""
         if not self.store.lower().startswith("etcd://"):
-            return {}
+            return {"busy_timeout": self.request_deadline / 3}
         return {
             "timeout": self.request_deadline / 3,
             "ca_file": self.etcd_cafile or None,
@@ -137,9 +146,9 @@ HELP = {
     "etcd_cafile": "CA bundle that signed etcd's server certificate (turns TLS on)",
     "etcd_certfile": "client certificate for etcd mTLS",
     "etcd_keyfile": "client key for etcd mTLS",
-    "request_deadline": "seconds a CNI request may spend on the store before answering code 11",
+    "request_deadline": "seconds from accepting a CNI request to its reply; past it, code 11",
     "store_grace": "seconds the store may be unreachable before STATUS/health say not ready",
-    "enable_fault_injection": argparse.SUPPRESS,  # tests only: container IDs 'fault-<point>-...'
+    "enable_fault_injection": argparse.SUPPRESS,  # tests only: see ipamd.daemon.fault_hook
 }
 
 

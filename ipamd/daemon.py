@@ -18,7 +18,7 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any, NoReturn
 
-from cni_plugin import skel
+from cni_plugin import deadline, skel
 from cni_plugin.attachments import AttachmentLocks
 from cni_plugin.datapath.inventory import host_link_names
 from cni_plugin.datapath.masq import MasqueradeRules
@@ -33,6 +33,7 @@ from ipamd.cni_port import NodeIpamPort
 from ipamd.cni_server import CniEndpoint
 from ipamd.config import DaemonConfig
 from ipamd.errors import NoLease
+from ipamd.grpc_gate import GrpcGate
 from ipamd.guard import StoreGuard
 from ipamd.journal import ReleaseJournal
 from ipamd.leakgc import LeakCollector
@@ -46,6 +47,7 @@ from ipamd.pool import PoolStatus
 from ipamd.server import GrpcServer
 from ipamd.service import IpamServicer
 from ipamd.spool import replay_spool
+from ipamd.store.base import request_deadline
 from ipamd.store.keys import Keys
 from ipamd.store.open import open_store
 from ipamd.sync import StoreFollower
@@ -58,9 +60,24 @@ JOURNAL_RETRY = 1.0
 
 
 def fault_hook(point: str, req: Request) -> None:
-    """Test-only: fail a request whose container ID is `fault-<point>-...` at that point."""
+    """Test-only (`--enable-fault-injection`): a request whose container ID is `fault-<point>-...`
+    fails with 999 at that point; `delay-<point>-<millis>-...` sleeps there (see `delay_hook`).
+    The plugin's points are `after-ipam`, `after-veth` and `before-result` (ADD)."""
     if req.container_id.startswith(f"fault-{point}-"):
         raise CNIError(999, f"injected fault at {point}")
+    delay_hook(point, req.container_id)
+
+
+def delay_hook(point: str, container_id: str) -> None:
+    """Test-only: sleep `<millis>` ms at `point` for a container ID `delay-<point>-<millis>-...`,
+    to make a handler outlast its deadline or keep workers busy while the queue fills. Besides
+    the plugin's points there is `handle`: in the daemon, before any work, for every verb."""
+    prefix = f"delay-{point}-"
+    if container_id.startswith(prefix):
+        millis = container_id[len(prefix) :].partition("-")[0]
+        if millis.isdigit():
+            log.debug("test delay: %s sleeps %s ms at %s", container_id, millis, point)
+            time.sleep(int(millis) / 1000)
 
 
 def interface_ipv4(iface: str) -> str:
@@ -163,14 +180,18 @@ class Daemon:
             grace=cfg.leak_gc_grace,
         )
         replay_spool(cfg.spool_dir, lambda req: self.handle(req, None))
-        self.endpoint = CniEndpoint(cfg.cni_socket, self.handle, workers=cfg.workers)
+        self.endpoint = CniEndpoint(
+            cfg.cni_socket, self.handle, workers=cfg.workers, deadline=cfg.request_deadline
+        )
         self.endpoint.start()
+        self.gate = GrpcGate(cfg.grpc_socket)  # the public socket, uid-checked, relayed
         self.grpc = GrpcServer(
-            cfg.grpc_socket,
+            self.gate.private_path,
             IpamServicer(self.ipam, cfg.cooldown, self.locks),  # type: ignore[arg-type]
             AdminServicer(self.ops),
         )
         self.grpc.start()
+        self.gate.start()
         self.grpc.set_serving(self.ipam.not_ready_reason() is None)
         self._spawn("timers", self._timers)
         self._spawn("release-journal", self._replay_journal)
@@ -262,9 +283,21 @@ class Daemon:
             self.ipam.target = self._node_ipam(netcfg)
             log.info("network config found: node %s is ready", self.cfg.node_name)
 
-    def handle(self, request: WireRequest, netns_fd: int | None) -> Reply:
+    def handle(
+        self, request: WireRequest, netns_fd: int | None, expiry: float | None = None
+    ) -> Reply:
+        """Serve one CNI request by `expiry` (time.monotonic(); default: the deadline from now).
+
+        The deadline is set for the plugin (cni_plugin.deadline) and for the store calls it makes
+        (ipamd.store.base.request_deadline), so the work itself stops in time.
+        """
         started = time.perf_counter()
-        reply = skel.run(request.env, request.stdin, self.plugin, netns_fd, request.netns_errno)
+        if expiry is None:
+            expiry = time.monotonic() + self.cfg.request_deadline
+        if self.cfg.enable_fault_injection:
+            delay_hook("handle", request.env.get("CNI_CONTAINERID", ""))
+        with deadline.until(expiry), request_deadline(expiry):
+            reply = skel.run(request.env, request.stdin, self.plugin, netns_fd, request.netns_errno)
         log.debug(
             "%s %s/%s -> %d in %.1f ms",
             request.env.get("CNI_COMMAND"),
@@ -328,7 +361,7 @@ class Daemon:
 
     def stop(self) -> None:
         self._stop.set()
-        for part in ("endpoint", "grpc", "reaper", "metrics"):
+        for part in ("endpoint", "gate", "grpc", "reaper", "metrics"):
             obj = getattr(self, part, None)
             if obj is not None:
                 obj.stop()

@@ -1,4 +1,5 @@
-"""The gRPC server on a root-only unix socket, with the standard health service.
+"""The gRPC server, with the standard health service, on a root-only unix socket: the private one
+that ipamd/grpc_gate.py relays root's connections to (grpc-python cannot check the peer's uid).
 
 Services: moor.ipam.v1.Ipam (this node's IPAM), moor.ipam.v1.Admin (cluster-wide operations,
 answered also while the node waits for `moorctl network init`) and grpc.health.v1.Health.

@@ -5,17 +5,23 @@ These run the real executable (its shebang, /usr/bin/python3 -SE), with no daemo
 
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
 import json
 import os
+import socket
 import stat
 import subprocess
 import time
 from pathlib import Path
+from types import ModuleType
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cni_plugin.netconf import SUPPORTED_VERSIONS
-from cni_plugin.wire import decode_request
+from cni_plugin.wire import MAX_REQUEST, decode_request
 
 SHIM = Path(__file__).resolve().parent.parent / "bin" / "moor"
 
@@ -145,3 +151,139 @@ def test_full_spool_answers_11(tmp_path: Path) -> None:
     proc = run_shim(cni_env("DEL"), netconf(tmp_path))
     assert proc.returncode == 1 and json.loads(proc.stdout)["code"] == 11
     assert len(list(spool.iterdir())) == 256
+
+
+# ---- never hangs, always one valid JSON (issue 12 §2) ---------------------------------------
+
+
+def load_shim() -> ModuleType:
+    """bin/moor as a module (its main() runs only as __main__), to test its pieces directly."""
+    loader = importlib.machinery.SourceFileLoader("moor_shim", str(SHIM))
+    spec = importlib.util.spec_from_loader("moor_shim", loader)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+def test_request_limit_is_the_same_in_the_shim_and_the_daemon() -> None:
+    assert load_shim().MAX_REQUEST == MAX_REQUEST == 4 << 20
+
+
+_shim_module: list[ModuleType] = []
+
+
+def load_shim_once() -> ModuleType:
+    if not _shim_module:
+        _shim_module.append(load_shim())
+    return _shim_module[0]
+
+
+# Arbitrary text; undecodable bytes as the daemon and Python see them (lone surrogates); and
+# strings dense in what JSON must escape.
+texts = st.one_of(
+    st.text(),
+    st.binary(max_size=64).map(lambda b: b.decode("utf-8", "surrogateescape")),
+    st.lists(st.sampled_from('\x00\x1f\x7f"\\\n\u2028\udcff\U0001f600a')).map("".join),
+)
+
+
+@settings(max_examples=500)
+@given(texts)
+def test_error_strings_are_valid_json_for_any_text(text: str) -> None:
+    literal = load_shim_once().json_string(text)
+    literal.encode("utf-8")  # printable as UTF-8: no lone surrogate survives
+    assert json.loads(literal) == text
+
+
+def test_an_unexpected_exception_is_code_999_json(capfd: pytest.CaptureFixture[str]) -> None:
+    shim = load_shim()
+
+    def broken() -> int:
+        raise RuntimeError("a bug \x01 in the shim")
+
+    shim.main = broken
+    with pytest.raises(SystemExit) as exit_:
+        shim.run()
+    out, err = capfd.readouterr()
+    assert exit_.value.code == 1
+    reply = json.loads(out)
+    assert reply["code"] == 999 and "RuntimeError: a bug \x01 in the shim" in reply["msg"]
+    assert "Traceback" not in err and "moor shim bug" in err
+
+
+def test_oversized_stdin_is_code_7_without_reading_it_all_or_connecting(tmp_path: Path) -> None:
+    """Over the limit the shim answers at once; a socket is listening, and nobody connected."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(tmp_path / "nobody-home.sock"))
+    listener.listen(1)
+    listener.setblocking(False)
+    started = time.monotonic()
+    proc = run_shim(
+        cni_env("ADD", CNI_NETNS="/proc/self/ns/net"),
+        netconf(tmp_path) + b" " * (5 << 20),
+    )
+    assert time.monotonic() - started < 5.0
+    err = json.loads(proc.stdout)
+    assert proc.returncode == 1 and err["code"] == 7 and str(MAX_REQUEST) in err["msg"]
+    with pytest.raises(BlockingIOError):
+        listener.accept()
+    listener.close()
+
+
+def test_closed_stdin_is_code_5() -> None:
+    proc = subprocess.run(
+        ["/bin/sh", "-c", 'exec "$0" <&-', str(SHIM)],
+        env=cni_env("ADD", CNI_NETNS="/proc/self/ns/net"),
+        capture_output=True,
+        timeout=10,
+    )
+    err = json.loads(proc.stdout)
+    assert proc.returncode == 1 and err["code"] == 5 and "stdin" in err["msg"]
+    assert b"Traceback" not in proc.stderr
+
+
+def unusable_netns(kind: str, where: Path) -> bytes:
+    """A CNI_NETNS path that is no regular file: the shim must not open it (a FIFO would hang)."""
+    if kind == "fifo":
+        path = where / "ns-fifo"
+        os.mkfifo(path)
+    elif kind == "chardev":
+        return b"/dev/null"
+    elif kind == "directory":
+        path = where / "ns-dir"
+        path.mkdir()
+    else:
+        path = where / "ns.sock"
+        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM).bind(str(path))
+    return os.fsencode(path)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "chardev", "directory", "socket"])
+def test_a_netns_that_is_no_regular_file_is_code_4_at_once(tmp_path: Path, kind: str) -> None:
+    path = unusable_netns(kind, tmp_path)
+    for command in ("ADD", "CHECK"):
+        started = time.monotonic()
+        proc = run_shim(cni_env(command, CNI_NETNS=os.fsdecode(path)), netconf(tmp_path))
+        assert time.monotonic() - started < 2.0
+        err = json.loads(proc.stdout)
+        assert proc.returncode == 1 and err["code"] == 4, err
+        assert "not a network namespace" in err["msg"]
+    # DEL carries on without the netns (here: the daemon is down, so it is spooled, with no fd).
+    proc = run_shim(cni_env("DEL", CNI_NETNS=os.fsdecode(path)), netconf(tmp_path))
+    assert proc.returncode == 0 and proc.stdout == b""
+    (entry,) = list((tmp_path / "spool").iterdir())
+    assert decode_request(entry.read_bytes()).netns_errno == 0
+
+
+def test_control_characters_and_invalid_utf8_in_paths_give_valid_json(tmp_path: Path) -> None:
+    weird = tmp_path / os.fsdecode(b'ns-\x01\x1b"\\\n\xff\xfe')
+    os.mkfifo(weird)
+    env = {**cni_env("ADD"), "CNI_NETNS": os.fsencode(weird)}
+    proc = run_shim(env, netconf(tmp_path))  # type: ignore[arg-type]
+    err = json.loads(proc.stdout)
+    assert err["code"] == 4 and "\x01\x1b" in err["msg"] and '"\\\n' in err["msg"]
+    config = b'{"cniVersion": "1.0.0", "name": "n", "daemonSocket": "/nowhere/\x01\x7f\xff.sock"}'
+    proc = run_shim(cni_env("ADD", CNI_NETNS="/proc/self/ns/net"), config)
+    err = json.loads(proc.stdout)
+    assert err["code"] == 11 and "/nowhere/\x01\x7f" in err["msg"]

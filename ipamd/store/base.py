@@ -14,13 +14,23 @@ intend to support:
 A backend implements the small core in `StoreBase` (`get`, `list_prefix`, `txn`, leases, `watch`,
 `ping`, `close`); the single-key helpers here are written on top of `txn` so that they have the
 same semantics everywhere.
+
+Request deadlines: a store call made while serving a CNI request must not outlive the request.
+The daemon sets the request's expiry with `request_deadline()` around the handler (a contextvar:
+each worker thread serves one request at a time; timers and replays run without one), and every
+backend caps its waits with `call_timeout()`: etcd's per-RPC timeout, SQLite's wait for its lock
+and its busy wait. Past the expiry a call raises StoreUnavailable at once, so ADD answers 11 and
+DEL journals its release, as for any unreachable store.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Literal, Protocol, runtime_checkable
@@ -159,6 +169,38 @@ class Store(Protocol):
     def ping(self) -> None: ...
 
     def close(self) -> None: ...
+
+
+# ---------------------------------------------------------------------------------------------
+# The deadline of the request a store call serves (see the module docstring).
+
+_request_expiry: ContextVar[float | None] = ContextVar("moor_store_request_deadline", default=None)
+
+
+@contextmanager
+def request_deadline(expiry: float | None) -> Iterator[None]:
+    """Cap every store call in the body by `expiry` (a time.monotonic() value; None: no cap)."""
+    token = _request_expiry.set(expiry)
+    try:
+        yield
+    finally:
+        _request_expiry.reset(token)
+
+
+def time_left() -> float | None:
+    """Seconds until the current request's deadline (<= 0 once passed); None outside a request."""
+    expiry = _request_expiry.get()
+    return None if expiry is None else expiry - time.monotonic()
+
+
+def call_timeout(timeout: float) -> float:
+    """`timeout` capped by the current request's deadline; StoreUnavailable once it has passed."""
+    left = time_left()
+    if left is None:
+        return timeout
+    if left <= 0:
+        raise StoreUnavailable("the request deadline passed before the store answered")
+    return min(timeout, left)
 
 
 # ---------------------------------------------------------------------------------------------

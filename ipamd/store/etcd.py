@@ -7,7 +7,8 @@ endpoint/TLS/failover handling and its generated stubs, and build the requests o
 contract needs things its convenience wrappers drop (the txn header revision, deleted counts,
 leases on txn puts, a watch that a `threading.Event` stops).
 
-Failure model: every RPC has a deadline (`timeout`), and any transport failure becomes
+Failure model: every RPC has a deadline (`timeout`, capped by the deadline of the CNI request it
+serves: base.call_timeout), and any transport failure becomes
 `StoreUnavailable`, which callers treat as "try again later". The channel reconnects on its own
 with a short backoff, so the daemon recovers when etcd returns without a restart.
 """
@@ -38,6 +39,7 @@ from ipamd.store.base import (
     TxnResult,
     WatchCompacted,
     WatchEvent,
+    call_timeout,
     check_key,
     check_lease_id,
     check_txn,
@@ -135,7 +137,7 @@ class EtcdStore(StoreBase):
     def _call(self, stub: str, method: str, request: Any) -> Any:
         rpc: Callable[..., Any] = getattr(self._stub(stub), method)
         try:
-            return rpc(request, self.timeout)
+            return rpc(request, call_timeout(self.timeout))
         except grpc.RpcError as exc:
             raise self._error(exc) from exc
 
@@ -240,7 +242,7 @@ class EtcdStore(StoreBase):
         stub = self._stub("leasestub")
         try:
             stream = stub.LeaseKeepAlive(
-                iter([etcdrpc.LeaseKeepAliveRequest(ID=lease_id)]), self.timeout
+                iter([etcdrpc.LeaseKeepAliveRequest(ID=lease_id)]), call_timeout(self.timeout)
             )
             response = next(iter(stream), None)
         except grpc.RpcError as exc:

@@ -10,7 +10,10 @@ an fsync per allocation.
 Concurrency: one connection per store object behind a lock, so every operation is one short
 transaction (`BEGIN IMMEDIATE` for writes, so the global revision counter is read and bumped
 under SQLite's write lock). Several store objects or processes may open the same file; they
-serialise on that write lock (with `busy_timeout`) and see each other's commits.
+serialise on that write lock (with `busy_timeout`) and see each other's commits. Inside a CNI
+request both waits, for the object's lock and for SQLite's write lock, are capped by the request's
+deadline (base.call_timeout): a database another process keeps locked makes the request fail with
+StoreUnavailable in time, never wait past its deadline.
 
 Leases: expiry is wall time from the injected clock, persisted, so it survives restarts. Expired
 leases are reaped lazily at the start of every operation, each as a normal revision with delete
@@ -46,11 +49,13 @@ from ipamd.store.base import (
     TxnResult,
     WatchCompacted,
     WatchEvent,
+    call_timeout,
     check_key,
     check_lease_id,
     check_txn,
     check_value,
     prefix_range_end,
+    time_left,
 )
 
 SCHEMA_VERSION = 1
@@ -245,6 +250,8 @@ class SqliteStore(StoreBase):
         self._clock = clock
         self._history = history
         self._lock = threading.RLock()
+        self._busy_timeout = busy_timeout
+        self._busy_ms = int(busy_timeout * 1000)  # what the connection is set to now
         self._notifier = _notifier_for(path)
         try:
             conn = sqlite3.connect(
@@ -317,9 +324,30 @@ class SqliteStore(StoreBase):
         return self._conn
 
     @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """`self._lock`, waited for no longer than the current request's deadline allows; then
+        SQLite's busy wait capped the same way. Outside a request: the plain lock and busy_timeout.
+        """
+        left = time_left()
+        if left is None:
+            self._lock.acquire()
+        elif left <= 0 or not self._lock.acquire(timeout=left):
+            raise StoreUnavailable(f"sqlite store {self.path!r}: busy past the request deadline")
+        try:
+            # Set only when it changes: most requests have more time left than busy_timeout.
+            busy_ms = int(call_timeout(self._busy_timeout) * 1000)
+            if busy_ms != self._busy_ms and self._conn is not None:
+                with self._errors():
+                    self._conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
+                self._busy_ms = busy_ms
+            yield
+        finally:
+            self._lock.release()
+
+    @contextmanager
     def _write(self) -> Iterator[_Writer]:
         """One IMMEDIATE transaction with expired leases reaped first; commit or roll back."""
-        with self._lock, self._errors():
+        with self._locked(), self._errors():
             conn = self._connection()
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -338,7 +366,7 @@ class SqliteStore(StoreBase):
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
         """A consistent read snapshot, after reaping expired leases (only if there are any)."""
-        with self._lock:
+        with self._locked():
             with self._errors():
                 conn = self._connection()
                 q = "SELECT 1 FROM leases WHERE expires_at <= ? LIMIT 1"
@@ -527,7 +555,7 @@ class SqliteStore(StoreBase):
             self._notifier.wait(seen, _WATCH_POLL_S)
 
     def ping(self) -> None:
-        with self._lock, self._errors():
+        with self._locked(), self._errors():
             self._connection().execute("SELECT revision FROM meta WHERE id = 1").fetchone()
 
     def close(self) -> None:
