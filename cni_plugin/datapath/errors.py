@@ -44,6 +44,12 @@ class RouteExists(DatapathError):
     """An identical route key already exists."""
 
 
+class InvalidSetting(DatapathError):
+    """The kernel refused a setting the request chose: the veth's MTU or MAC (from the config or
+    CNI_ARGS, with the netns fd and the bridge ruled out as the cause) or a route of the config
+    (e.g. via a gateway the pod cannot reach). The request was invalid, not the datapath."""
+
+
 class NotPermitted(DatapathError):
     """EPERM/EACCES: the daemon lacks CAP_NET_ADMIN (or a LSM said no)."""
 

@@ -30,6 +30,7 @@ from typing import Any
 from .bridge import IFA_F_NODAD, random_mac
 from .errors import (
     DatapathError,
+    InvalidSetting,
     LinkExists,
     LinkNotFound,
     PodInterfaceExists,
@@ -249,9 +250,11 @@ def _veth_message(
 
 
 def _explain_create_failure(err: DatapathError, netns_fd: int, bridge_index: int) -> None:
-    """The kernel answers EINVAL/EBADF/EOPNOTSUPP/ENODEV for several distinct mistakes; find out
-    which one it was (error path only) and raise the precise exception."""
-    if err.errno not in (errno.EINVAL, errno.EBADF, errno.EOPNOTSUPP, errno.ENODEV):
+    """The kernel answers EINVAL/EBADF/EOPNOTSUPP/ENODEV (and ERANGE/EADDRNOTAVAIL for an MTU or
+    MAC) for several distinct mistakes; find out which one it was (error path only) and raise the
+    precise exception. With the fd and the bridge ruled out, an EINVAL/ERANGE/EADDRNOTAVAIL is the
+    request's own MTU or MAC: InvalidSetting."""
+    if err.errno not in _EXPLAINED:
         return
     netns_inode(netns_fd)  # raises NetnsError if the fd is the culprit
     try:
@@ -263,6 +266,13 @@ def _explain_create_failure(err: DatapathError, netns_fd: int, bridge_index: int
         raise DatapathError(
             f"master index {bridge_index} ({msg.get('IFLA_IFNAME')!r}) is not a bridge", err.errno
         ) from err
+    if err.errno in _REQUEST_SETTING:
+        raise InvalidSetting(str(err), err.errno) from err
+
+
+_REQUEST_SETTING = (errno.EINVAL, errno.ERANGE, errno.EADDRNOTAVAIL)
+_REFUSED_ROUTE = (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EINVAL, errno.ERANGE)
+_EXPLAINED = (errno.EBADF, errno.EOPNOTSUPP, errno.ENODEV, *_REQUEST_SETTING)
 
 
 def _raise_which_exists(err: LinkExists, host_name: str, pod_ifname: str, netns_fd: int) -> None:
@@ -320,8 +330,15 @@ def configure_pod_interface(
             with translate_errors(f"set pod {name!r} up", host=False):
                 rtnl.request(up, RTM_NEWLINK)
         for r in routes:
-            with translate_errors(f"add route {r.dst} via {r.gw} in pod", host=False):
-                rtnl.request(_route_message(index, r), RTM_NEWROUTE, NLM_F_CREATE | NLM_F_REPLACE)
+            try:
+                with translate_errors(f"add route {r.dst} via {r.gw} in pod", host=False):
+                    rtnl.request(
+                        _route_message(index, r), RTM_NEWROUTE, NLM_F_CREATE | NLM_F_REPLACE
+                    )
+            except DatapathError as e:
+                if e.errno in _REFUSED_ROUTE:  # e.g. a gateway not on any of the pod's links
+                    raise InvalidSetting(str(e), e.errno) from e
+                raise
 
 
 def _address_message(index: int, a: IPv4Interface | IPv6Interface) -> ifaddrmsg:
