@@ -2,14 +2,25 @@
 
 `K=V;K=V`: a pair without exactly one `=` is an error, and so is a key we do not know unless
 `IgnoreUnknown` is 1/true. containerd sends the K8S_POD_* keys from a Go map, so their order is
-never relied on.
+never relied on. A known key's value is checked like the same value anywhere else (the MAC and IP
+as in runtimeConfig, the pod fields by Kubernetes' own rules): all code 7. An empty value is
+absent.
 """
 
 from __future__ import annotations
 
+import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cni_plugin.errors import INVALID_NETWORK_CONFIG, CNIError
+from cni_plugin.naming import (
+    container_id_problem,
+    mac_problem,
+    pod_name_problem,
+    pod_namespace_problem,
+    token_problem,
+)
 
 KNOWN_KEYS = frozenset(
     {
@@ -45,6 +56,24 @@ def _parse_bool(value: str) -> bool:
     )
 
 
+def _ip_problem(value: str) -> str | None:
+    try:
+        ipaddress.ip_interface(value)
+    except ValueError:
+        return f"invalid IP address {value!r}"
+    return None
+
+
+CHECKS: dict[str, Callable[[str], str | None]] = {
+    "K8S_POD_NAMESPACE": pod_namespace_problem,
+    "K8S_POD_NAME": pod_name_problem,
+    "K8S_POD_UID": lambda v: token_problem("pod UID", v),
+    "K8S_POD_INFRA_CONTAINER_ID": container_id_problem,
+    "IP": _ip_problem,
+    "MAC": mac_problem,
+}
+
+
 def parse_cni_args(raw: str) -> CniArgs:
     """Parse CNI_ARGS; raises CNIError(7) on a malformed pair or an unknown key."""
     pairs: dict[str, str] = {}
@@ -59,11 +88,14 @@ def parse_cni_args(raw: str) -> CniArgs:
     unknown = sorted(k for k in pairs if k not in KNOWN_KEYS)
     if unknown and not ignore_unknown:
         raise CNIError(INVALID_NETWORK_CONFIG, f"ARGS: unknown args {unknown}")
+    for key, check in CHECKS.items():
+        if pairs.get(key) and (problem := check(pairs[key])):
+            raise CNIError(INVALID_NETWORK_CONFIG, f"ARGS: {key}: {problem}")
     return CniArgs(
         pod_namespace=pairs.get("K8S_POD_NAMESPACE", ""),
         pod_name=pairs.get("K8S_POD_NAME", ""),
         pod_uid=pairs.get("K8S_POD_UID", ""),
         infra_container_id=pairs.get("K8S_POD_INFRA_CONTAINER_ID", ""),
         ip=pairs.get("IP", ""),
-        mac=pairs.get("MAC", ""),
+        mac=pairs.get("MAC", "").lower(),
     )

@@ -10,7 +10,6 @@ protocol layer's one exception table (`cni_plugin.errors.to_cni_error`) passes i
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -21,10 +20,7 @@ from cni_plugin.errors import (
     TRY_AGAIN_LATER,
     CNIError,
 )
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+from cni_plugin.iptypes import IPAddress, IPInterface, IPNetwork
 
 
 class IpamError(CNIError):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import re
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,22 +19,22 @@ from cni_plugin.errors import (
     INCOMPATIBLE_VERSION,
     INVALID_NETWORK_CONFIG,
     CNIError,
+    brief,
 )
+from cni_plugin.naming import ifname_problem, mac_problem, network_name_problem
 from cni_plugin.result import DNS, Result, Route
 
 SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 # SPEC upgrade notes: a config without cniVersion is spec 0.2.0, which moor does not speak.
 IMPLIED_VERSION = "0.2.0"
-NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$")
 DEFAULT_BRIDGE = "moor0"
 DEFAULT_DAEMON_SOCKET = "/run/moor/cni.sock"
-MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 
 
 def version_tuple(version: str) -> tuple[int, int, int]:
     parts = version.split(".")
     if len(parts) != 3 or not all(p.isdigit() for p in parts):
-        raise CNIError(INCOMPATIBLE_VERSION, f"invalid cniVersion {version!r}")
+        raise CNIError(INCOMPATIBLE_VERSION, f"invalid cniVersion {brief(version)}")
     return int(parts[0]), int(parts[1]), int(parts[2])
 
 
@@ -80,14 +80,43 @@ class NetConf:
         return version_tuple(self.cni_version)
 
 
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} does not fit a double")
+    return value
+
+
 def decode_config(stdin: bytes) -> dict[str, Any]:
+    """stdin as a JSON object: UTF-8 only (RFC 8259), no NaN/Infinity, no number beyond a double.
+
+    Code 6 for anything json refuses, including nesting too deep to parse (RecursionError) and
+    digit strings too long for int().
+    """
     try:
-        data = json.loads(stdin)
-    except (ValueError, UnicodeDecodeError) as exc:
+        data = json.loads(
+            stdin.decode("utf-8"), parse_constant=_refuse_constant, parse_float=_finite_float
+        )
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise CNIError(DECODING_FAILURE, f"failed to decode network config: {exc}") from exc
     if not isinstance(data, dict):
         raise CNIError(DECODING_FAILURE, "network config is not a JSON object")
     return data
+
+
+def check_unicode(data: dict[str, Any]) -> None:
+    """Code 7 for a config holding a string that is not Unicode text (a lone surrogate escape
+    such as "\\udcff"): such a value could be neither stored nor printed as UTF-8."""
+    try:
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise _invalid("network config holds a string that is not valid Unicode") from exc
+    except RecursionError as exc:
+        raise CNIError(DECODING_FAILURE, "network config is nested too deeply") from exc
 
 
 def config_version(data: dict[str, Any]) -> str:
@@ -105,50 +134,120 @@ def config_version(data: dict[str, Any]) -> str:
 def _bool(data: dict[str, Any], key: str) -> bool:
     value = data.get(key, False)
     if not isinstance(value, bool):
-        raise CNIError(INVALID_NETWORK_CONFIG, f"{key} must be a boolean, got {value!r}")
+        raise CNIError(INVALID_NETWORK_CONFIG, f"{key} must be a boolean, got {brief(value)}")
     return value
+
+
+def _invalid(msg: str) -> CNIError:
+    return CNIError(INVALID_NETWORK_CONFIG, msg)
+
+
+def _object(value: Any, what: str) -> dict[str, Any]:
+    """An optional JSON object field: absent or null is {}, anything else but an object is 7."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _invalid(f"{what} must be an object, not {type(value).__name__}")
+    return value
+
+
+def _route(item: Any) -> Route:
+    """One `ipam.routes` entry: {"dst": IPv4 CIDR, "gw"?: IPv4 address} (moor is IPv4 only)."""
+    if not isinstance(item, dict):
+        raise _invalid(f"ipam.routes entries must be objects, not {brief(item)}")
+    dst, gw = item.get("dst"), item.get("gw")
+    if not isinstance(dst, str) or (gw not in (None, "") and not isinstance(gw, str)):
+        raise _invalid(f"invalid route {brief(item)}: dst and gw must be strings")
+    try:
+        route = Route(
+            ipaddress.ip_network(dst, strict=True), ipaddress.ip_address(gw) if gw else None
+        )
+    except ValueError as exc:
+        raise _invalid(f"invalid route {brief(item)}: {exc}") from exc
+    if route.dst.version != 4 or (route.gw is not None and route.gw.version != 4):
+        raise _invalid(f"invalid route {brief(item)}: moor supports IPv4 routes only")
+    return route
 
 
 def _routes(items: Any) -> list[Route]:
     if items is None:
         return []
     if not isinstance(items, list):
-        raise CNIError(INVALID_NETWORK_CONFIG, "ipam.routes must be a list")
-    routes = []
-    for item in items:
-        try:
-            dst = ipaddress.ip_network(item["dst"], strict=True)
-            gw = ipaddress.ip_address(item["gw"]) if item.get("gw") else None
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CNIError(INVALID_NETWORK_CONFIG, f"invalid route {item!r}: {exc}") from exc
-        routes.append(Route(dst, gw))
-    return routes
+        raise _invalid("ipam.routes must be a list")
+    return [_route(item) for item in items]
+
+
+def _capability(data: dict[str, Any], key: str) -> Any:
+    """runtimeConfig.<key> beats args.cni.<key> (the CONVENTIONS precedence); keys are read
+    case-insensitively. null, "" and [] are absent; any other value is the caller's to check."""
+    runtime = _object(data.get("runtimeConfig"), "runtimeConfig")
+    cni_args = _object(ci_get(_object(data.get("args"), "args"), "cni"), "args.cni")
+    value = ci_get(runtime, key)
+    return value if value not in (None, "", []) else ci_get(cni_args, key)
 
 
 def _mac(data: dict[str, Any]) -> str:
     """runtimeConfig.mac beats args.cni.mac (the reference bridge's precedence)."""
-    mac = ci_get(data.get("runtimeConfig"), "mac") or ci_get(ci_get(data.get("args"), "cni"), "mac")
-    if not mac:
+    mac = _capability(data, "mac")
+    if mac in (None, ""):
         return ""
-    if not isinstance(mac, str) or not MAC_RE.match(mac):
-        raise CNIError(INVALID_NETWORK_CONFIG, f"invalid MAC address {mac!r}")
+    if problem := mac_problem(mac):
+        raise _invalid(problem)
     return mac.lower()
+
+
+def _check_requested_ips(data: dict[str, Any]) -> None:
+    """runtimeConfig.ips / args.cni.ips: a list of IP addresses (a prefix is allowed, ignored).
+    The plugin takes exactly one; here only the types and the syntax are checked."""
+    ips = _capability(data, "ips")
+    if ips in (None, "", []):
+        return
+    if not isinstance(ips, list):
+        raise _invalid(f"ips must be a list of IP addresses, not {type(ips).__name__}")
+    for ip in ips:
+        if not isinstance(ip, str):
+            raise _invalid(f"ips entries must be strings, not {brief(ip)}")
+        try:
+            ipaddress.ip_interface(ip)
+        except ValueError as exc:
+            raise _invalid(f"invalid requested IP {ip!r}") from exc
+
+
+def _check_paths(section: dict[str, Any], where: str) -> None:
+    """daemonSocket/spoolDir are read by the shim; one of another type is a config error too."""
+    for key in ("daemonSocket", "spoolDir"):
+        value = section.get(key)
+        if value is not None and not isinstance(value, str):
+            raise _invalid(f"{where}{key} must be a string")
+
+
+def _dns(data: dict[str, Any]) -> DNS:
+    try:
+        return DNS.from_dict(data.get("dns"))
+    except (TypeError, ValueError) as exc:
+        raise _invalid(f"invalid dns: {exc}") from exc
 
 
 def parse_netconf(data: dict[str, Any], cni_version: str) -> NetConf:
     """Validate a decoded config (name, mode, options); raises CNIError(7) on anything wrong."""
+    check_unicode(data)
     name = data.get("name")
-    if not isinstance(name, str) or not name:
-        raise CNIError(INVALID_NETWORK_CONFIG, "missing network name")
-    if not NAME_RE.match(name):
-        raise CNIError(INVALID_NETWORK_CONFIG, f"invalid network name {name!r}")
+    if name is None or name == "":
+        raise _invalid("missing network name")
+    if problem := network_name_problem(name):
+        raise _invalid(problem)
     plugin_type = data.get("type")
     if not isinstance(plugin_type, str) or not plugin_type:
-        raise CNIError(INVALID_NETWORK_CONFIG, "missing plugin type")
+        raise _invalid("missing plugin type")
     ipam_raw = data.get("ipam")
     if ipam_raw is not None and not isinstance(ipam_raw, dict):
-        raise CNIError(INVALID_NETWORK_CONFIG, "ipam must be an object")
+        raise _invalid("ipam must be an object")
     ipam_type = (ipam_raw or {}).get("type")
+    if ipam_type is not None and not isinstance(ipam_type, str):
+        raise _invalid(f"ipam.type must be a string, not {type(ipam_type).__name__}")
+    _check_paths(data, "")
+    _check_paths(ipam_raw or {}, "ipam.")
+    _check_requested_ips(data)
 
     if plugin_type == "moor":
         mode = "main"
@@ -173,15 +272,15 @@ def parse_netconf(data: dict[str, Any], cni_version: str) -> NetConf:
     )
     if mode == "main":
         bridge = data.get("bridge", DEFAULT_BRIDGE)
-        if not isinstance(bridge, str) or not bridge or len(bridge) > 15 or "/" in bridge:
-            raise CNIError(INVALID_NETWORK_CONFIG, f"invalid bridge name {bridge!r}")
+        if problem := ifname_problem(bridge, "bridge name"):
+            raise _invalid(problem)
         mtu = data.get("mtu", 0)
         if (
             not isinstance(mtu, int)
             or isinstance(mtu, bool)
             or not (mtu == 0 or 68 <= mtu <= 65535)
         ):
-            raise CNIError(INVALID_NETWORK_CONFIG, f"invalid mtu {mtu!r}")
+            raise CNIError(INVALID_NETWORK_CONFIG, f"invalid mtu {brief(mtu)}")
         conf.bridge = bridge
         conf.mtu = mtu
         conf.is_default_gateway = _bool(data, "isDefaultGateway")
@@ -194,8 +293,9 @@ def parse_netconf(data: dict[str, Any], cni_version: str) -> NetConf:
                 INVALID_NETWORK_CONFIG,
                 "cannot set hairpin mode and promiscuous mode at the same time",
             )
-        conf.dns = DNS.from_dict(data.get("dns"))
+        conf.dns = _dns(data)
         conf.mac = _mac(data)
-    if "prevResult" in data and data["prevResult"]:
-        conf.prev_result = Result.parse(data["prevResult"])
+    prev = data.get("prevResult")
+    if prev is not None and prev != {}:
+        conf.prev_result = Result.parse(prev)
     return conf

@@ -46,9 +46,8 @@ from cni_plugin.skel import Request
 
 log = logging.getLogger(__name__)
 DEFAULT_V4 = ipaddress.ip_network("0.0.0.0/0")
-LOCK_WAIT = (
-    5.0  # at most this long, and never past the request's deadline, a verb waits for its lock
-)
+# At most this long, and never past the request's deadline, a verb waits for its attachment.
+LOCK_WAIT = 5.0
 # Test-only fault injection (the reference bridge has debugPostIPAMError for the same reason).
 FaultHook = Callable[[str, Request], None]
 
@@ -406,11 +405,8 @@ class MoorPlugin:
         if req.conf.ipam is None:
             return
         keep = frozenset((a.container_id, a.ifname) for a in req.valid_attachments)
-        delete_veth = veth.delete_host_veth_if_exists if req.conf.mode == "main" else _keep_link
-        failures = self.ipam.collect_garbage(req.conf.name, keep, delete_veth)
+        # A host veth is recorded only by moor's own datapath (main mode), so it is ours to
+        # delete whatever mode this GC's config is in; IPAM-mode allocations have none.
+        failures = self.ipam.collect_garbage(req.conf.name, keep, veth.delete_host_veth_if_exists)
         if failures:
             raise CNIError(TRY_AGAIN_LATER, "GC could not release: " + "; ".join(failures))
-
-
-def _keep_link(host_veth: str) -> None:
-    """IPAM-plugin mode: the delegating plugin owns the link, GC only frees the address."""

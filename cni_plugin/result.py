@@ -12,11 +12,8 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
 
-from cni_plugin.errors import DECODING_FAILURE, CNIError
-
-IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+from cni_plugin.errors import DECODING_FAILURE, CNIError, brief
+from cni_plugin.iptypes import IPAddress, IPInterface, IPNetwork
 
 
 @dataclass
@@ -64,14 +61,54 @@ class DNS:
 
     @classmethod
     def from_dict(cls, data: Any) -> DNS:
-        if not isinstance(data, dict):
+        """The spec's DNS object; absent or null is empty. Raises ValueError on a wrong type
+        (the caller picks the code: 7 in a config, 6 in a prevResult)."""
+        if data is None:
             return cls()
+        if not isinstance(data, dict):
+            raise ValueError(f"dns must be an object, not {type(data).__name__}")
+        domain = _optional(data, "domain", str, "")
         return cls(
-            nameservers=[str(x) for x in data.get("nameservers") or []],
-            domain=str(data.get("domain") or ""),
-            search=[str(x) for x in data.get("search") or []],
-            options=[str(x) for x in data.get("options") or []],
+            nameservers=_strings(data, "nameservers"),
+            domain=domain,
+            search=_strings(data, "search"),
+            options=_strings(data, "options"),
         )
+
+
+def _optional(data: dict[str, Any], key: str, kind: type, default: Any) -> Any:
+    """`data[key]` when it is a `kind` (never a bool for int), `default` when absent or null."""
+    value = data.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ValueError(f"{key} must be {kind.__name__}, not {brief(value)}")
+    return value
+
+
+def _strings(data: dict[str, Any], key: str) -> list[str]:
+    items = _optional(data, key, list, [])
+    if not all(isinstance(x, str) for x in items):
+        raise ValueError(f"{key} must be a list of strings")
+    return list(items)
+
+
+def _objects(data: dict[str, Any], key: str) -> list[dict[str, Any]]:
+    items = _optional(data, key, list, [])
+    if not all(isinstance(x, dict) for x in items):
+        raise ValueError(f"{key} must be a list of objects")
+    return items
+
+
+def _required_str(data: dict[str, Any], key: str) -> str:
+    value = data.get(key)
+    if not isinstance(value, str):
+        raise ValueError(f"{key} must be a string, not {brief(value)}")
+    return value
+
+
+def _address(text: str | None) -> IPAddress | None:
+    return ipaddress.ip_address(text) if text else None
 
 
 @dataclass
@@ -117,31 +154,34 @@ class Result:
         try:
             interfaces = [
                 Interface(
-                    name=str(i["name"]),
-                    mac=str(i.get("mac", "")),
-                    sandbox=str(i.get("sandbox", "")),
-                    mtu=int(i.get("mtu", 0) or 0),
+                    name=_required_str(i, "name"),
+                    mac=_optional(i, "mac", str, ""),
+                    sandbox=_optional(i, "sandbox", str, ""),
+                    mtu=_optional(i, "mtu", int, 0),
                 )
-                for i in data.get("interfaces") or []
+                for i in _objects(data, "interfaces")
             ]
             ips = [
                 IPConfig(
-                    address=ipaddress.ip_interface(i["address"]),
-                    gateway=ipaddress.ip_address(i["gateway"]) if i.get("gateway") else None,
-                    interface=int(i["interface"]) if i.get("interface") is not None else None,
+                    address=ipaddress.ip_interface(_required_str(i, "address")),
+                    gateway=_address(_optional(i, "gateway", str, "")),
+                    interface=_optional(i, "interface", int, None),
                 )
-                for i in data.get("ips") or []
+                for i in _objects(data, "ips")
             ]
             routes = [
                 Route(
-                    dst=ipaddress.ip_network(r["dst"], strict=False),
-                    gw=ipaddress.ip_address(r["gw"]) if r.get("gw") else None,
+                    dst=ipaddress.ip_network(_required_str(r, "dst"), strict=False),
+                    gw=_address(_optional(r, "gw", str, "")),
                 )
-                for r in data.get("routes") or []
+                for r in _objects(data, "routes")
             ]
-        except (KeyError, TypeError, ValueError) as exc:
+            dns = DNS.from_dict(data.get("dns"))
+        except ValueError as exc:
             raise CNIError(DECODING_FAILURE, f"malformed prevResult: {exc}") from exc
-        return cls(interfaces, ips, routes, DNS.from_dict(data.get("dns")))
+        if any(ip.interface is not None and ip.interface < 0 for ip in ips):
+            raise CNIError(DECODING_FAILURE, "malformed prevResult: negative ips[].interface")
+        return cls(interfaces, ips, routes, dns)
 
     def merged_after(self, prev: Result | None) -> Result:
         """This plugin's result appended to a chained prevResult, as the spec asks of ADD."""

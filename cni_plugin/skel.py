@@ -10,7 +10,6 @@ stdout.
 from __future__ import annotations
 
 import json
-import re
 import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -23,7 +22,10 @@ from cni_plugin.errors import (
     INTERNAL,
     INVALID_ENVIRONMENT,
     CNIError,
+    brief,
+    to_cni_error,
 )
+from cni_plugin.naming import container_id_problem, ifname_problem, is_unicode_text
 from cni_plugin.netconf import (
     SUPPORTED_VERSIONS,
     NetConf,
@@ -42,7 +44,8 @@ REQUIRED_ENV = {
     "GC": (),
     "STATUS": (),
 }
-CONTAINER_ID_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$")
+# The env values the daemon reads (CNI_PATH is not: moor execs nothing).
+ENV_KEYS = ("CNI_COMMAND", "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_ARGS")
 ABOUT = "moor CNI plugin (bridge datapath + node IPAM daemon)"
 
 
@@ -95,34 +98,27 @@ def _dump(obj: Any) -> bytes:
     return (json.dumps(obj, indent=4) + "\n").encode()
 
 
-def validate_ifname(name: str) -> str | None:
-    """The reference library's interface-name rules; returns the problem, or None."""
-    if not name:
-        return "interface name is empty"
-    if len(name.encode()) > 15:
-        return f"interface name {name!r} is longer than 15 bytes"
-    if name in (".", ".."):
-        return f"interface name {name!r} is not allowed"
-    if any(c in name for c in "/:") or any(c.isspace() for c in name):
-        return f"interface name {name!r} contains '/', ':' or whitespace"
-    return None
-
-
 def _check_env(command: str, env: Mapping[str, str]) -> None:
+    """Every CNI_* value the daemon reads is UTF-8 text and valid for its verb; else code 4."""
+    for key in ENV_KEYS:
+        value = env.get(key, "")
+        if not is_unicode_text(value):
+            raise CNIError(INVALID_ENVIRONMENT, f"{key} {value!r} is not valid UTF-8")
     missing = [k for k in REQUIRED_ENV[command] if not env.get(k)]
     if missing:
         raise CNIError(INVALID_ENVIRONMENT, f"required env variables [{','.join(missing)}] missing")
     container_id = env.get("CNI_CONTAINERID", "")
-    if container_id and not CONTAINER_ID_RE.match(container_id):
-        raise CNIError(
-            INVALID_ENVIRONMENT, f"CNI_CONTAINERID {container_id!r} has invalid characters"
-        )
+    if container_id and (problem := container_id_problem(container_id)):
+        raise CNIError(INVALID_ENVIRONMENT, f"CNI_CONTAINERID: {problem}")
     ifname = env.get("CNI_IFNAME", "")
-    if command in ("ADD", "CHECK", "DEL") and (problem := validate_ifname(ifname)):
+    if command in ("ADD", "CHECK", "DEL") and (problem := ifname_problem(ifname)):
         raise CNIError(INVALID_ENVIRONMENT, f"CNI_IFNAME: {problem}")
 
 
 def _valid_attachments(data: dict[str, Any]) -> frozenset[Attachment] | None:
+    """GC's attachment list: a list of {"containerID": str, "ifname": str} (code 6 otherwise).
+
+    null is what libcni sends for an empty Go slice, so it is the empty list."""
     for key in ("cni.dev/valid-attachments", "cni.dev/attachments"):
         if key in data:
             items = data[key]
@@ -130,22 +126,62 @@ def _valid_attachments(data: dict[str, Any]) -> frozenset[Attachment] | None:
                 return frozenset()
             if not isinstance(items, list):
                 raise CNIError(DECODING_FAILURE, f"{key} must be a list")
-            try:
-                return frozenset(Attachment(str(i["containerID"]), str(i["ifname"])) for i in items)
-            except (KeyError, TypeError) as exc:
-                raise CNIError(DECODING_FAILURE, f"malformed {key} entry: {exc}") from exc
+            out = set()
+            for item in items:
+                cid = item.get("containerID") if isinstance(item, dict) else None
+                ifname = item.get("ifname") if isinstance(item, dict) else None
+                if not isinstance(cid, str) or not isinstance(ifname, str):
+                    raise CNIError(
+                        DECODING_FAILURE,
+                        f"malformed {key} entry {brief(item)}: "
+                        "containerID and ifname must be strings",
+                    )
+                out.add(Attachment(cid, ifname))
+            return frozenset(out)
     return None
 
 
+@dataclass(frozen=True)
+class Stdin:
+    """stdin decoded exactly once: the config object, or the reason it is not one.
+
+    Decoding never raises, so an error found later (even in the env) is stamped with the version
+    the request asked for, without parsing hostile input a second time outside any guard.
+    """
+
+    data: dict[str, Any] | None
+    error: CNIError | None = None
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Stdin:
+        try:
+            return cls(decode_config(raw))
+        except CNIError as exc:
+            return cls(None, exc)
+
+    @property
+    def version(self) -> str:
+        """The version to stamp on an error: the config's when moor speaks it, else the newest."""
+        version = self.data.get("cniVersion") if self.data is not None else None
+        return version if version in SUPPORTED_VERSIONS else SUPPORTED_VERSIONS[-1]
+
+
 def parse_request(
-    env: Mapping[str, str], stdin: bytes, netns_fd: int | None = None, netns_errno: int = 0
+    env: Mapping[str, str],
+    stdin: bytes | Stdin,
+    netns_fd: int | None = None,
+    netns_errno: int = 0,
 ) -> Request:
     """Validate env and config for a non-VERSION verb; raises CNIError with the spec's code."""
     command = env.get("CNI_COMMAND", "")
     if command not in REQUIRED_ENV:
-        raise CNIError(INVALID_ENVIRONMENT, f"unknown CNI_COMMAND: {command}")
+        raise CNIError(INVALID_ENVIRONMENT, f"unknown CNI_COMMAND: {command!r}")
     _check_env(command, env)
-    data = decode_config(stdin)
+    config = stdin if isinstance(stdin, Stdin) else Stdin.decode(stdin)
+    if config.error is not None:
+        raise config.error
+    assert config.data is not None
+    data = config.data
     cni_version = config_version(data)
     minimum = {"CHECK": (0, 4, 0), "GC": (1, 1, 0), "STATUS": (1, 1, 0)}.get(command)
     if minimum and version_tuple(cni_version) < minimum:
@@ -172,15 +208,6 @@ def parse_request(
     )
 
 
-def _error_version(stdin: bytes) -> str:
-    """The version to stamp on an error: the request's, when it can be read."""
-    try:
-        version = json.loads(stdin).get("cniVersion")
-    except (ValueError, AttributeError, UnicodeDecodeError):
-        return SUPPORTED_VERSIONS[-1]
-    return version if version in SUPPORTED_VERSIONS else SUPPORTED_VERSIONS[-1]
-
-
 def run(
     env: Mapping[str, str],
     stdin: bytes,
@@ -188,15 +215,21 @@ def run(
     netns_fd: int | None = None,
     netns_errno: int = 0,
 ) -> Reply:
-    """Run one CNI call end to end and return what the executable must print and exit with."""
+    """Run one CNI call end to end and return what the executable must print and exit with.
+
+    One except clause for everything: `to_cni_error` decides the code (errors.py ERROR_TABLE).
+    """
     command = env.get("CNI_COMMAND", "")
     if not command:
         about = f"{ABOUT}\nCNI protocol versions supported: {', '.join(SUPPORTED_VERSIONS)}\n"
         return Reply(0, b"", about.encode())
     if command == "VERSION":
         return Reply(0, version_reply())
+    stamp = SUPPORTED_VERSIONS[-1]
     try:
-        req = parse_request(env, stdin, netns_fd, netns_errno)
+        config = Stdin.decode(stdin)
+        stamp = config.version
+        req = parse_request(env, config, netns_fd, netns_errno)
         if req.command == "ADD":
             result = handlers.add(req)
             if req.conf.mode == "main":
@@ -210,8 +243,9 @@ def run(
             "GC": handlers.gc,
         }[req.command](req)
         return Reply(0)
-    except CNIError as exc:
-        return Reply(1, _dump(exc.to_dict(_error_version(stdin))))
     except Exception as exc:  # noqa: BLE001 - the protocol boundary: every failure must become JSON
-        err = CNIError(INTERNAL, f"internal error: {exc.__class__.__name__}: {exc}")
-        return Reply(1, _dump(err.to_dict(_error_version(stdin))), traceback.format_exc().encode())
+        err = to_cni_error(exc)
+        trace = b""
+        if err.code == INTERNAL and not isinstance(exc, CNIError):
+            trace = traceback.format_exc().encode("utf-8", "backslashreplace")
+        return Reply(1, _dump(err.to_dict(stamp)), trace)

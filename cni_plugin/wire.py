@@ -51,7 +51,11 @@ def decode_request(data: bytes) -> WireRequest:
         if not eq:
             raise WireError(f"malformed environment entry {item!r}")
         if key == NETNS_ERRNO_KEY:
-            netns_errno = int(value) if value.isdigit() else 0
+            # ASCII digits only ("²".isdigit() is true, int() refuses it), and at most 4 of
+            # them: an errno is below 4096, and os.strerror() overflows on a huge number.
+            netns_errno = (
+                int(value) if value.isascii() and value.isdigit() and len(value) <= 4 else 0
+            )
         elif key.startswith("CNI_"):
             env[key] = value
     return WireRequest(env, stdin, netns_errno)

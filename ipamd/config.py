@@ -16,8 +16,8 @@ from typing import Any
 
 import yaml
 
+from cni_plugin.naming import valid_node_name
 from ipamd.model import NetworkConfig
-from ipamd.store.keys import valid_node_name
 
 # bin/moor gives up on a reply after REPLY_TIMEOUT (30 s); the daemon answers within the deadline
 # plus the watchdog's margin, so the deadline must leave room for both.

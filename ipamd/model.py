@@ -16,8 +16,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+from cni_plugin.iptypes import IPAddress, IPInterface, IPNetwork
 
 
 @dataclass(frozen=True)
@@ -56,7 +55,7 @@ class Allocation:
         return self.subnet.network_address + 1
 
     @property
-    def interface(self) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface:
+    def interface(self) -> IPInterface:
         return ipaddress.ip_interface(f"{self.ip}/{self.subnet.prefixlen}")
 
     def to_json(self) -> bytes:

@@ -26,6 +26,7 @@ from cni_plugin.datapath import bridge, inventory, masq, netns, nl, veth
 from cni_plugin.datapath.errors import (
     AddressExists,
     DatapathError,
+    InvalidSetting,
     LinkExists,
     LinkNotFound,
     NetnsError,
@@ -351,6 +352,38 @@ def test_create_veth_clashes_leave_nothing_behind(
     with pytest.raises(DatapathError, match="is not a bridge"):
         veth.create_veth(new_veth_name(host_links), "eth2", ns.fd, 1)  # lo
     assert oracle.link("eth2", netns=ns.name) is None
+
+
+@pytest.fixture
+def mfz_netns() -> Iterator[Netns]:
+    """One netns named mfz-dp-* (issue 12's tests use the mfz names), deleted afterwards."""
+    name = f"mfz-dp-{secrets.token_hex(4)}"
+    ip("netns", "add", name)
+    fd = os.open(f"/run/netns/{name}", os.O_RDONLY | os.O_CLOEXEC)
+    yield Netns(name, fd)
+    os.close(fd)
+    ip("netns", "del", name, check=False)
+
+
+def test_kernel_refusing_a_requested_setting_is_invalid_setting(
+    host_links: list[str], mfz_netns: Netns
+) -> None:
+    """The MTU, MAC and routes come from the request: the kernel refusing one is InvalidSetting
+    (CNI 7), not a datapath failure, and nothing is left behind."""
+    host_links.append("mfzbr2")
+    br = bridge.ensure_bridge("mfzbr2")
+    ns = mfz_netns
+    for kw in ({"mac": "01:00:5e:00:00:01"}, {"mac": "00:00:00:00:00:00"}, {"mtu": 70000}):
+        host_name = new_veth_name(host_links)
+        with pytest.raises(InvalidSetting):
+            veth.create_veth(host_name, "eth0", ns.fd, br.index, **kw)  # type: ignore[arg-type]
+        assert oracle.link(host_name) is None and oracle.link("eth0", netns=ns.name) is None
+
+    veth.create_veth(new_veth_name(host_links), "eth0", ns.fd, br.index)
+    via_nowhere = [Route(ip_network("192.168.0.0/16"), ip_address("192.168.99.1"))]
+    with pytest.raises(InvalidSetting, match="192.168.99.1"):
+        veth.configure_pod_interface(ns.fd, "eth0", [ip_interface("10.226.250.2/24")], via_nowhere)
+    assert not [r for r in oracle.routes(netns=ns.name) if r["dst"] == "192.168.0.0/16"]
 
 
 def _pod(

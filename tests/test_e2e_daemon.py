@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import stat
 import subprocess
 import sys
 import time
@@ -17,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from cni_plugin.datapath.veth import host_veth_name
+from cni_plugin.wire import encode_request
 from tests.conftest import start_daemon
 from tests.helpers import oracle
 from tests.helpers.moor import REPO, Daemon, ExecRuntime, plugin_config
@@ -66,6 +69,62 @@ def test_daemon_down_add_11_status_50_del_spooled_then_replayed(
     assert oracle.link(host_veth_name("down1", "eth0")) is None
     assert oracle.link("eth0", netns=ns) is None
     assert ip not in [a["ip"] for a in allocs]
+
+
+def _spool_entry(env: dict[str, str], stdin: bytes, extra: bytes = b"") -> bytes:
+    """A spool entry as the shim writes it (the wire request), with raw `extra` env fields."""
+    return encode_request(env, stdin).replace(b"\0\0", extra + b"\0\0", 1)
+
+
+def test_a_spool_of_broken_entries_never_stops_the_daemon(tmp_path: Path) -> None:
+    """Every spooled DEL the daemon cannot decode or run moves to failed/, whatever is wrong with
+    it, and the daemon starts and serves. The good entries are replayed and removed."""
+    work = tmp_path / "node"
+    spool = work / "spool"
+    spool.mkdir(parents=True, mode=0o700)
+    d = Daemon(work, "mfzspool", "10.227.0.0/16", "mfzbr3")
+    config = json.dumps(plugin_config("mfzspoolnet", "1.1.0", d.plugin())).encode()
+    dele = {"CNI_COMMAND": "DEL", "CNI_CONTAINERID": "mfzs1", "CNI_IFNAME": "eth0"}
+    good = {
+        "0010-good": _spool_entry(dele, config),
+        # "²".isdigit() is true and int() refuses it: now errno 0, and the DEL runs
+        "0011-errno-superscript": _spool_entry(dele, config, "\0MOOR_NETNS_ERRNO=²".encode()),
+    }
+    bad = {
+        "0001-garbage": b"not the wire format",
+        "0002-not-utf8": _spool_entry(dele, config, b"\0CNI_ARGS=\xff\xfe"),
+        "0003-not-a-del": _spool_entry({**dele, "CNI_COMMAND": "ADD"}, config),
+        "0004-deep": _spool_entry(dele, b"[" * 100_000 + b"]" * 100_000),
+        "0005-bad-config": _spool_entry(dele, b'{"cniVersion": "1.1.0"}'),
+    }
+    for name, data in {**good, **bad}.items():
+        (spool / name).write_bytes(data)
+    os.mkfifo(spool / "0006-fifo")  # opening it would block the start
+    (spool / "0007-dir").mkdir()
+    (spool / "0008-symlink").symlink_to("/etc/hostname")
+    with open(spool / "0009-huge", "wb") as f:
+        f.truncate((4 << 20) + 1)  # sparse: one byte over what a request may have
+    unix = socket.socket(socket.AF_UNIX)
+    unix.bind(str(spool / "0012-socket"))
+    unix.close()
+    (spool / "failed").write_text("a regular file where the failed/ directory goes")
+    (spool / ".tmp-0013").write_bytes(b"a shim's write in progress: not an entry")
+    broken = {*bad, "0006-fifo", "0007-dir", "0008-symlink", "0009-huge", "0012-socket"}
+
+    started = time.monotonic()
+    try:
+        d.start()
+        assert time.monotonic() - started < 15
+        assert sorted(os.listdir(spool)) == [".tmp-0013", "failed"]
+        assert sorted(os.listdir(spool / "failed")) == sorted({*broken, "failed"})
+        assert stat.S_ISFIFO(os.lstat(spool / "failed" / "0006-fifo").st_mode)
+        log = d.log_path.read_text(errors="replace")
+        for name in broken:
+            assert f"spooled DEL {name} failed and was moved to failed/{name}" in log, name
+        status = ExecRuntime().call("STATUS", json.loads(config))
+        assert status.rc == 0 and d.proc is not None and d.proc.poll() is None
+    finally:
+        d.cleanup_host()
 
 
 @pytest.mark.daemon(extra_args=["--leak-gc-interval", "0.2", "--leak-gc-grace", "1"])

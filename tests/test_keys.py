@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from cni_plugin.naming import container_id_problem, ifname_problem, network_name_problem
 from ipamd.store.keys import Keys, format_address, valid_ifname
 
 K = Keys()
@@ -208,3 +209,24 @@ def test_ips_prefix_for_examples() -> None:
     assert keys.ips_prefix_for(ip_network("10.244.0.0/16")) == "/moor/ips/10.244."
     assert keys.ips_prefix_for(ip_network("10.244.10.0/23")) == "/moor/ips/10.244.1"
     assert keys.ips_prefix_for(ip_network("fd00::/64")) == "/moor/ips/"
+
+
+any_text = st.text(st.characters(exclude_categories=()), max_size=20)  # lone surrogates included
+cni_names = st.one_of(names, any_text, st.sampled_from(["cid\n", "net\r\n", "\udcff", "a" * 1025]))
+cni_ifnames = st.one_of(ifnames, any_text, st.sampled_from(["eth0\n", "e%d", "eà", "\udcff"]))
+
+
+@given(cni_names, cni_names, cni_ifnames)
+def test_handle_parts_follow_the_cni_rules_exactly(network: str, cid: str, ifname: str) -> None:
+    """One home for the rules (cni_plugin/naming.py): a handle can be made exactly when the CNI
+    side accepts its parts, it then parses back, and no rule raises on any text."""
+    ok = (
+        network_name_problem(network) is None
+        and container_id_problem(cid) is None
+        and ifname_problem(ifname) is None
+    )
+    if ok:
+        assert K.parse_handle(K.handle(network, cid, ifname)) == (network, cid, ifname)
+    else:
+        with pytest.raises(ValueError):
+            K.handle(network, cid, ifname)

@@ -8,14 +8,26 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
+from pathlib import Path
 
 import pytest
 
 from cni_plugin import skel
 from cni_plugin.args import parse_cni_args
-from cni_plugin.errors import CNIError
+from cni_plugin.datapath.errors import (
+    DatapathError,
+    InvalidSetting,
+    IptablesError,
+    LinkNotFound,
+    NetnsError,
+    NotPermitted,
+)
+from cni_plugin.datapath.netns import netns_inode
+from cni_plugin.errors import CNIError, to_cni_error
 from cni_plugin.netconf import SUPPORTED_VERSIONS
 from cni_plugin.result import DNS, Interface, IPConfig, Result, Route
+from cni_plugin.wire import decode_request, encode_request
 
 
 class Recorder:
@@ -230,3 +242,242 @@ def test_result_roundtrip_all_versions() -> None:
     )
     for version in SUPPORTED_VERSIONS:
         assert Result.parse(r.render(version)) == r
+
+
+# ---- issue 12: every bad input gets its documented code ------------------------------------------
+# One regression per class the fuzz test (tests/test_fuzz.py) found on the landed code.
+
+
+def strict(reply: skel.Reply) -> dict:
+    """The reply's stdout as a strict JSON object: UTF-8, and every string encodable as UTF-8."""
+    text = reply.stdout.decode("utf-8")
+    doc = json.loads(text)
+    json.dumps(doc, ensure_ascii=False).encode("utf-8")  # raises on a lone surrogate
+    return doc
+
+
+DEEP_LIST = b"[" * 100_000 + b"]" * 100_000
+DEEP_OBJECT = b'{"cniVersion": "0.4.0", "x": ' + b'{"a":' * 5000 + b"1" + b"}" * 5001
+
+
+@pytest.mark.parametrize("stdin", [DEEP_LIST, DEEP_OBJECT], ids=["list", "object"])
+def test_config_nested_too_deep_is_code_6(stdin: bytes) -> None:
+    reply = skel.run(env("ADD"), stdin, Recorder())  # landed: RecursionError escaped run()
+    assert reply.code == 1 and strict(reply)["code"] == 6
+    reply = skel.run(env("FROB"), stdin, Recorder())  # the env error wins, stamped 1.1.0
+    assert strict(reply)["code"] == 4 and strict(reply)["cniVersion"] == "1.1.0"
+
+
+def test_stdin_is_parsed_once_even_on_the_error_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    real = json.loads
+    monkeypatch.setattr(json, "loads", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    reply = skel.run(env("ADD"), conf("0.4.0", bridge="a b"), Recorder())
+    monkeypatch.undo()
+    assert strict(reply) == {
+        "cniVersion": "0.4.0",
+        "code": 7,
+        "msg": "bridge name 'a b' contains '/', ':', '%', whitespace or a control character",
+    }
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize(
+    ("extra_env", "stdin", "code"),
+    [
+        ({"CNI_CONTAINERID": "c1\n"}, conf(), 4),
+        ({"CNI_IFNAME": "eth0\n"}, conf(), 4),
+        ({}, json.dumps({"cniVersion": "1.0.0", "name": "podnet\n", "type": "moor"}).encode(), 7),
+        ({"CNI_ARGS": "MAC=0a:58:0a:f4:01:02\n"}, conf(), 7),
+        ({}, conf(runtimeConfig={"mac": "0a:58:0a:f4:01:02\n"}), 7),
+    ],
+    ids=["container-id", "ifname", "network-name", "args-mac", "runtime-mac"],
+)
+def test_a_trailing_newline_is_refused(extra_env: dict, stdin: bytes, code: int) -> None:
+    """`re.match` with `$` accepted "x\\n"; every rule now uses fullmatch."""
+    assert strict(skel.run(env("ADD", **extra_env), stdin, Recorder()))["code"] == code
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("CNI_CONTAINERID", "c\udcff"),
+        ("CNI_IFNAME", "e\udcff"),
+        ("CNI_NETNS", "/run/netns/\udcff"),
+        ("CNI_ARGS", "IgnoreUnknown=1;K8S_POD_NAME=\udcff"),
+        ("CNI_COMMAND", "\udcffADD"),
+    ],
+)
+def test_env_values_that_are_not_utf8_are_code_4(key: str, value: str) -> None:
+    """The wire decodes env with surrogateescape; such a value is refused, never encoded later."""
+    rec = Recorder()
+    reply = skel.run(env("ADD", **{key: value}), conf(), rec)
+    assert reply.code == 1 and strict(reply)["code"] == 4 and not rec.calls
+
+
+@pytest.mark.parametrize("ifname", ["e%d", "e%", "eà", "e\x01", "e\u00a0", "eth0\x00"])
+def test_ifname_the_kernel_would_refuse_or_rename_is_code_4(ifname: str) -> None:
+    """'%' is a kernel name template; "à" is C3 A0 in UTF-8 and the kernel's isspace(0xA0)."""
+    assert strict(skel.run(env("ADD", CNI_IFNAME=ifname), conf(), Recorder()))["code"] == 4
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        "MAC=zz",
+        "MAC=01:00:5e:00:00:01",
+        "MAC=00:00:00:00:00:00",
+        "IP=foo",
+        "IP=1.2.3.4\n",
+        "IgnoreUnknown=1;K8S_POD_NAME=Bad_Name",
+        "IgnoreUnknown=1;K8S_POD_NAME=" + "a" * 254,
+        "IgnoreUnknown=1;K8S_POD_NAMESPACE=" + "a" * 64,
+        "IgnoreUnknown=1;K8S_POD_NAMESPACE=Up",
+        "IgnoreUnknown=1;K8S_POD_UID=has space",
+        "IgnoreUnknown=1;K8S_POD_INFRA_CONTAINER_ID=-bad",
+    ],
+)
+def test_cni_args_values_are_validated_like_the_same_keys_elsewhere(args: str) -> None:
+    rec = Recorder()
+    assert strict(skel.run(env("ADD", CNI_ARGS=args), conf(), rec))["code"] == 7
+    assert not rec.calls
+
+
+def test_good_cni_args_values_pass() -> None:
+    a = parse_cni_args(
+        "IgnoreUnknown=1;K8S_POD_NAMESPACE=kube-system;K8S_POD_NAME=web-0.a;K8S_POD_UID=1-2"
+        ";MAC=0A:58:0A:F4:01:02;IP=10.244.1.9/24;K8S_POD_INFRA_CONTAINER_ID=abc"
+    )
+    assert (a.pod_namespace, a.pod_name, a.mac, a.ip) == (
+        "kube-system",
+        "web-0.a",
+        "0a:58:0a:f4:01:02",
+        "10.244.1.9/24",
+    )
+
+
+@pytest.mark.parametrize(
+    ("extra", "code"),
+    [
+        ({"dns": {"nameservers": 5}}, 7),
+        ({"dns": {"search": [None]}}, 7),
+        ({"dns": "x"}, 7),
+        ({"bridge": "a b"}, 7),
+        ({"bridge": "br%d"}, 7),
+        ({"ipam": {"type": 5}}, 7),
+        ({"ipam": {"type": "moor", "routes": ["x"]}}, 7),
+        ({"ipam": {"type": "moor", "routes": [{"dst": 5}]}}, 7),
+        ({"ipam": {"type": "moor", "routes": [{"dst": "::/0"}]}}, 7),
+        ({"ipam": {"type": "moor", "routes": [{"dst": "0.0.0.0/0", "gw": 5}]}}, 7),
+        ({"runtimeConfig": "x"}, 7),
+        ({"runtimeConfig": {"mac": 5}}, 7),
+        ({"runtimeConfig": {"ips": [5]}}, 7),
+        ({"runtimeConfig": {"ips": ["bogus"]}}, 7),
+        ({"args": "x"}, 7),
+        ({"args": {"cni": {"ips": "10.0.0.1"}}}, 7),
+        ({"daemonSocket": 5}, 7),
+        ({"prevResult": "x"}, 6),
+        ({"prevResult": [1]}, 6),
+        ({"prevResult": {"interfaces": {"name": "eth0"}}}, 6),
+        ({"prevResult": {"interfaces": [{"name": 5}]}}, 6),
+        ({"prevResult": {"interfaces": [{"name": "eth0", "mtu": 1e300}]}}, 6),
+        ({"prevResult": {"ips": [{"address": "10.0.0.2/24", "interface": "0"}]}}, 6),
+        ({"prevResult": {"ips": [{"address": "10.0.0.2/24", "interface": -1}]}}, 6),
+        ({"prevResult": {"routes": [{"dst": "0.0.0.0/0", "gw": 5}]}}, 6),
+        ({"prevResult": {"dns": {"nameservers": 5}}}, 6),
+    ],
+)
+def test_every_config_field_is_type_checked(extra: dict, code: int) -> None:
+    """A wrong type is 7 in the config and 6 in a prevResult, never a TypeError (999)."""
+    rec = Recorder()
+    assert strict(skel.run(env("ADD"), conf(**extra), rec))["code"] == code
+    assert not rec.calls
+
+
+@pytest.mark.parametrize("entry", [5, {"containerID": 5, "ifname": "eth0"}, {"ifname": "eth0"}])
+def test_malformed_gc_attachment_entries_are_code_6(entry: object) -> None:
+    stdin = conf("1.1.0", **{"cni.dev/valid-attachments": [entry]})
+    assert strict(skel.run(env("GC"), stdin, Recorder()))["code"] == 6
+
+
+@pytest.mark.parametrize(
+    ("stdin", "code"),
+    [
+        (b'{"cniVersion": "1.0.0", "name": "n", "type": "moor", "mtu": NaN}', 6),
+        (b'{"cniVersion": "1.0.0", "name": "n", "type": "moor", "mtu": -Infinity}', 6),
+        (b'{"cniVersion": "1.0.0", "name": "n", "type": "moor", "mtu": 1e400}', 6),
+        (b'{"cniVersion": "1.0.0", "name": "n", "type": "moor", "x": ' + b"9" * 5000 + b"}", 6),
+        ("\ufeff" + conf().decode(), 6),
+        (conf().decode().encode("utf-16"), 6),
+        (b'{"cniVersion": "1.0.0", "name": "n\\udcff", "type": "moor"}', 7),
+        (b'{"cniVersion": "1.0.0", "name": "n", "type": "moor", "\\ud800": 1}', 7),
+    ],
+    ids=["nan", "infinity", "1e400", "long-int", "bom", "utf-16", "surrogate", "surrogate-key"],
+)
+def test_stdin_that_is_not_strict_json_or_unicode(stdin: bytes | str, code: int) -> None:
+    raw = stdin.encode() if isinstance(stdin, str) else stdin
+    rec = Recorder()
+    assert strict(skel.run(env("ADD"), raw, rec))["code"] == code
+    assert not rec.calls
+
+
+class Raising(Recorder):
+    def __init__(self, exc: BaseException) -> None:
+        super().__init__()
+        self.exc = exc
+
+    def add(self, req: skel.Request) -> Result:
+        raise self.exc
+
+
+@pytest.mark.parametrize(
+    ("exc", "code"),
+    [
+        (CNIError(11, "deadline"), 11),
+        (NetnsError("fd 9 is not a network namespace"), 4),
+        (InvalidSetting("create veth: Invalid argument", 22), 7),
+        (DatapathError("'lo' already exists but is not a bridge", 17), 104),
+        (NotPermitted("create veth: Operation not permitted", 1), 104),
+        (IptablesError("iptables -t nat -N X", 4, "resource problem"), 104),
+        (LinkNotFound("get pod link 'eth0': No such device", 19), 104),
+    ],
+)
+def test_every_exception_maps_through_one_table(exc: BaseException, code: int) -> None:
+    reply = skel.run(env("ADD"), conf(), Raising(exc))
+    assert reply.code == 1 and strict(reply)["code"] == code and reply.stderr == b""
+    assert to_cni_error(exc).code == code
+
+
+def test_a_netns_that_is_a_regular_file_is_code_4(tmp_path: Path) -> None:
+    """The shim could open CNI_NETNS but it is no netns: the real check raises NetnsError -> 4."""
+
+    class Opens(Recorder):
+        def add(self, req: skel.Request) -> Result:
+            netns_inode(req.netns_fd)  # type: ignore[arg-type]
+            return super().add(req)
+
+    regular = tmp_path / "netns"
+    regular.write_text("x")
+    fd = os.open(regular, os.O_RDONLY)
+    try:
+        reply = skel.run(env("ADD", CNI_NETNS=str(regular)), conf(), Opens(), netns_fd=fd)
+    finally:
+        os.close(fd)
+    assert strict(reply)["code"] == 4 and "not a network namespace" in strict(reply)["msg"]
+
+
+def test_messages_quoting_hostile_input_stay_bounded() -> None:
+    deep = json.loads("[" * 900 + "]" * 900)  # parses; repr() of it would recurse
+    stdin = conf("1.1.0", **{"cni.dev/valid-attachments": [deep]})
+    reply = skel.run(env("GC"), stdin, Recorder())
+    assert strict(reply)["code"] == 6 and len(strict(reply)["msg"]) < 200
+    reply = skel.run(env("ADD", CNI_CONTAINERID="a" * 100_000), conf(), Recorder())
+    assert strict(reply)["code"] == 4 and len(strict(reply)["msg"]) <= 4096
+
+
+@pytest.mark.parametrize(("value", "errno"), [("2", 2), ("²", 0), ("1" * 30, 0), ("-1", 0)])
+def test_wire_netns_errno_takes_ascii_digits_only(value: str, errno: int) -> None:
+    data = encode_request({"CNI_COMMAND": "ADD"}, b"{}").replace(
+        b"\0\0", f"\0MOOR_NETNS_ERRNO={value}\0\0".encode(), 1
+    )
+    assert decode_request(data).netns_errno == errno

@@ -40,6 +40,12 @@ class AddressExists(DatapathError):
     """The address (or one that conflicts with it) is already configured."""
 
 
+class InvalidSetting(DatapathError):
+    """The kernel refused a setting the request chose: the veth's MTU or MAC (from the config or
+    CNI_ARGS, with the netns fd and the bridge ruled out as the cause) or a route of the config
+    (e.g. via a gateway the pod cannot reach). The request was invalid, not the datapath."""
+
+
 class NotPermitted(DatapathError):
     """EPERM/EACCES: the daemon lacks CAP_NET_ADMIN (or a LSM said no)."""
 

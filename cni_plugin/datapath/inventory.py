@@ -28,7 +28,8 @@ from cni_plugin.datapath.nl import (
     rtmsg,
     translate_errors,
 )
-from cni_plugin.datapath.veth import IPInterface, Route
+from cni_plugin.datapath.veth import Route
+from cni_plugin.iptypes import IPInterface
 
 RT_TABLE_MAIN = 254
 

@@ -22,6 +22,8 @@ import subprocess
 from collections.abc import Sequence
 from ipaddress import IPv4Network, IPv6Network
 
+from cni_plugin.iptypes import IPNetwork
+
 from .errors import DatapathError, IptablesError
 
 __all__ = ["MasqueradeRules"]
@@ -30,8 +32,6 @@ _SBIN_DIRS = ("/usr/sbin", "/sbin", "/usr/local/sbin")
 _TIMEOUT = 30.0
 _WAIT = ("--wait=10",)  # "-w 10" would be misparsed by some iptables-restore builds
 _MAX_CHAIN_LEN = 28
-
-IPNetwork = IPv4Network | IPv6Network
 
 
 def _find(binary: str) -> str | None:

@@ -15,19 +15,16 @@ import errno
 import hashlib
 import socket
 from dataclasses import dataclass
-from ipaddress import (
-    IPv4Address,
-    IPv4Interface,
-    IPv4Network,
-    IPv6Address,
-    IPv6Interface,
-    IPv6Network,
-)
+from ipaddress import IPv4Interface, IPv6Interface
 from typing import Any
+
+from cni_plugin.iptypes import IPAddress, IPNetwork
+from cni_plugin.naming import ifname_problem
 
 from .bridge import IFA_F_NODAD, random_mac
 from .errors import (
     DatapathError,
+    InvalidSetting,
     LinkExists,
     LinkNotFound,
     PodInterfaceExists,
@@ -68,12 +65,7 @@ __all__ = [
     "host_veth_name",
 ]
 
-IFNAMSIZ = 16
 RT_SCOPE_LINK = 253
-
-IPAddress = IPv4Address | IPv6Address
-IPNetwork = IPv4Network | IPv6Network
-IPInterface = IPv4Interface | IPv6Interface
 
 
 @dataclass(frozen=True)
@@ -100,16 +92,15 @@ class VethPair:
 
 def host_veth_name(container_id: str, ifname: str) -> str:
     """Host-side veth name derived from (container id, pod ifname), so DEL and GC can find it
-    without the pod netns (which may already be gone). 15 chars = IFNAMSIZ - 1."""
+    without the pod netns (which may already be gone). 15 chars: the kernel's limit."""
     digest = hashlib.sha256(f"{container_id}\0{ifname}".encode()).hexdigest()
     return "veth" + digest[:11]
 
 
 def _check_ifname(name: str) -> None:
-    if not name or len(name) >= IFNAMSIZ or "/" in name or any(c.isspace() for c in name):
-        raise ValueError(f"invalid interface name {name!r}")
-    if name in (".", ".."):
-        raise ValueError(f"invalid interface name {name!r}")
+    """A guard, not validation (the CNI layer validated the request): the one rule's home."""
+    if problem := ifname_problem(name):
+        raise ValueError(problem)
 
 
 def create_veth(
@@ -210,9 +201,11 @@ def _veth_message(
 
 
 def _explain_create_failure(err: DatapathError, netns_fd: int, bridge_index: int) -> None:
-    """The kernel answers EINVAL/EBADF/EOPNOTSUPP/ENODEV for several distinct mistakes; find out
-    which one it was (error path only) and raise the precise exception."""
-    if err.errno not in (errno.EINVAL, errno.EBADF, errno.EOPNOTSUPP, errno.ENODEV):
+    """The kernel answers EINVAL/EBADF/EOPNOTSUPP/ENODEV (and ERANGE/EADDRNOTAVAIL for an MTU or
+    MAC) for several distinct mistakes; find out which one it was (error path only) and raise the
+    precise exception. With the fd and the bridge ruled out, an EINVAL/ERANGE/EADDRNOTAVAIL is the
+    request's own MTU or MAC: InvalidSetting."""
+    if err.errno not in _EXPLAINED:
         return
     netns_inode(netns_fd)  # raises NetnsError if the fd is the culprit
     try:
@@ -224,6 +217,13 @@ def _explain_create_failure(err: DatapathError, netns_fd: int, bridge_index: int
         raise DatapathError(
             f"master index {bridge_index} ({msg.get('IFLA_IFNAME')!r}) is not a bridge", err.errno
         ) from err
+    if err.errno in _REQUEST_SETTING:
+        raise InvalidSetting(str(err), err.errno) from err
+
+
+_REQUEST_SETTING = (errno.EINVAL, errno.ERANGE, errno.EADDRNOTAVAIL)
+_REFUSED_ROUTE = (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EINVAL, errno.ERANGE)
+_EXPLAINED = (errno.EBADF, errno.EOPNOTSUPP, errno.ENODEV, *_REQUEST_SETTING)
 
 
 def _raise_which_exists(err: LinkExists, host_name: str, pod_ifname: str, netns_fd: int) -> None:
@@ -276,8 +276,15 @@ def configure_pod_interface(
             with translate_errors(f"set pod {name!r} up", host=False):
                 rtnl.request(up, RTM_NEWLINK)
         for r in routes:
-            with translate_errors(f"add route {r.dst} via {r.gw} in pod", host=False):
-                rtnl.request(_route_message(index, r), RTM_NEWROUTE, NLM_F_CREATE | NLM_F_REPLACE)
+            try:
+                with translate_errors(f"add route {r.dst} via {r.gw} in pod", host=False):
+                    rtnl.request(
+                        _route_message(index, r), RTM_NEWROUTE, NLM_F_CREATE | NLM_F_REPLACE
+                    )
+            except DatapathError as e:
+                if e.errno in _REFUSED_ROUTE:  # e.g. a gateway not on any of the pod's links
+                    raise InvalidSetting(str(e), e.errno) from e
+                raise
 
 
 def _address_message(index: int, a: IPv4Interface | IPv6Interface) -> ifaddrmsg:

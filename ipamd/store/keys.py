@@ -30,46 +30,19 @@ import re
 from collections.abc import Iterable
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 
-IPAddress = IPv4Address | IPv6Address
-IPNetwork = IPv4Network | IPv6Network
+from cni_plugin.iptypes import IPAddress, IPNetwork
 
-# CNI spec: network name and container ID start alphanumeric, then alnum, '_', '.', '-'.
-_NAME_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.\-]*", re.ASCII)
+# The handle's parts follow the CNI side's rules exactly (one home: cni_plugin/naming.py), so a
+# request the plugin accepted always makes a key, and a key parses back only if it could.
+from cni_plugin.naming import (
+    valid_container_id,
+    valid_ifname,
+    valid_network_name,
+    valid_node_name,
+)
+
 _PREFIX_SEGMENT_RE = re.compile(r"[a-zA-Z0-9_.\-]+", re.ASCII)
 _DIGITS_RE = re.compile(r"0|[1-9][0-9]*", re.ASCII)
-_NODE_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.\-]{0,252}", re.ASCII)  # hostnames and more
-_IFNAMSIZ = 16  # Linux: including the trailing NUL
-
-
-def _valid_name(s: object) -> bool:
-    return isinstance(s, str) and _NAME_RE.fullmatch(s) is not None
-
-
-def valid_network_name(name: object) -> bool:
-    """CNI network-name rules."""
-    return _valid_name(name)
-
-
-def valid_container_id(cid: object) -> bool:
-    """CNI container-ID rules (same charset as network names)."""
-    return _valid_name(cid)
-
-
-def valid_node_name(name: object) -> bool:
-    """A node name that can be a key segment: hostnames and Kubernetes node names."""
-    return isinstance(name, str) and _NODE_RE.fullmatch(name) is not None
-
-
-def valid_ifname(name: object) -> bool:
-    """The kernel's dev_valid_name(): 1..15 bytes, not '.'/'..', no '/', ':', whitespace."""
-    if not isinstance(name, str) or name in ("", ".", ".."):
-        return False
-    try:
-        if len(name.encode("utf-8")) >= _IFNAMSIZ:
-            return False
-    except UnicodeEncodeError:
-        return False
-    return not any(c in "/:\x00" or c.isspace() for c in name)
 
 
 def format_address(addr: IPAddress) -> str:
