@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -188,6 +189,10 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
     names = [f"mfz-{_run_id}-{i}" for i in range(len(POD_NETNS))]
     regular = work / "not-a-netns"
     regular.write_text("x")
+    fifo = work / "fifo-netns"
+    os.mkfifo(fifo)
+    listening = socket.socket(socket.AF_UNIX)
+    listening.bind(str(work / "socket-netns"))
     try:
         paths: dict[str, str | None] = {
             "missing": None,
@@ -196,9 +201,14 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
             "nonexistent": f"/run/netns/mfz-{_run_id}-absent",
             "file": str(regular),
             "host": "/proc/self/ns/net",
+            "fifo": str(fifo),  # opening it would block: the shim must never
+            "device": "/dev/null",
+            "directory": str(work),
+            "socket": str(work / "socket-netns"),
         }
         yield Target(daemon, paths)
     finally:
+        listening.close()
         for name in names:
             delete_netns(name)
         daemon.cleanup_host()

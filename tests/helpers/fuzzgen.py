@@ -3,8 +3,7 @@
 A `Call` is data only; the test turns it into an exec of bin/moor. Every generator is one entry
 in a list (the hostile halves of `COMMANDS`, `CONTAINER_IDS`, `IFNAMES`, `CNI_ARGS`, and
 `NETNS_KINDS`, `stdins()` with `STDIN_WEIGHTS`, `FIELDS` for config mutations), so a new class of
-input is one more line there. Other netns kinds (a FIFO, a device, a directory) belong
-to the shim's own suite for now and are deliberately not in `NETNS_KINDS`.
+input is one more line there (a netns kind also needs its path in the test's fixture).
 
 Every stdin carries the test daemon's `daemonSocket` and `spoolDir` as its first keys (garbage
 gets them appended as text): the shim finds them by a byte search, so no generated call can reach
@@ -108,7 +107,17 @@ CNI_ARGS = mostly(
         _env_bytes,
     ],
 )
-NETNS_KINDS = POD_NETNS * 3 + ["missing", "empty", "nonexistent", "file", "host"]
+NETNS_KINDS = POD_NETNS * 3 + [
+    "missing",
+    "empty",
+    "nonexistent",
+    "file",
+    "host",
+    "fifo",
+    "device",
+    "directory",
+    "socket",
+]
 
 # ---- stdin -------------------------------------------------------------------------------------
 
