@@ -327,7 +327,9 @@ class MoorPlugin:
         if host_veth is None:
             self.locks.release(key)
         else:
-            self.reaper.submit(host_veth, lambda: self.locks.release(key))
+            self.reaper.submit(
+                host_veth, lambda: self.locks.release(key), lambda: self._fault("reap", req)
+            )
 
     # ---- CHECK -----------------------------------------------------------------------------
     def check(self, req: Request) -> None:

@@ -18,26 +18,29 @@ from cni_plugin.datapath import veth
 
 log = logging.getLogger(__name__)
 Done = Callable[[], None]
+Step = Callable[[], None]
 
 
 class HostVethReaper:
     def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[tuple[str, Done] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[str, Step, Done] | None] = queue.SimpleQueue()
         self._pending = 0
         self._idle = threading.Condition()  # guards _pending
         self._thread = threading.Thread(target=self._run, name="veth-reaper", daemon=True)
         self._thread.start()
 
-    def submit(self, host_veth: str, done: Done) -> None:
-        """Delete `host_veth` soon; `done()` runs afterwards whatever happened."""
+    def submit(self, host_veth: str, done: Done, first: Step = lambda: None) -> None:
+        """Delete `host_veth` soon; `done()` runs afterwards whatever happened. `first` runs
+        before the deletion (the tests' fault hook)."""
         with self._idle:
             self._pending += 1
-        self._queue.put((host_veth, done))
+        self._queue.put((host_veth, first, done))
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
-            host_veth, done = item
+            host_veth, first, done = item
             try:
+                first()
                 veth.delete_host_veth_if_exists(host_veth)
             except Exception:  # noqa: BLE001 - logged; the netns deletion takes the pair anyway
                 log.exception("deleting host veth %s after DEL failed", host_veth)

@@ -62,7 +62,8 @@ JOURNAL_RETRY = 1.0
 def fault_hook(point: str, req: Request) -> None:
     """Test-only (`--enable-fault-injection`): a request whose container ID is `fault-<point>-...`
     fails with 999 at that point; `delay-<point>-<millis>-...` sleeps there (see `delay_hook`).
-    The plugin's points are `after-ipam`, `after-veth` and `before-result` (ADD)."""
+    The plugin's points are `after-ipam`, `after-veth` and `before-result` (ADD), `before-release`
+    (DEL) and `reap` (DEL's background deletion of the host veth)."""
     if req.container_id.startswith(f"fault-{point}-"):
         raise CNIError(999, f"injected fault at {point}")
     delay_hook(point, req.container_id)
