@@ -20,7 +20,7 @@ import threading
 from collections.abc import Callable
 from contextlib import ExitStack
 
-from cni_plugin import deadline
+from cni_plugin import deadline, kernel_record
 from cni_plugin.attachments import AttachmentLocks, Key
 from cni_plugin.datapath import bridge as br
 from cni_plugin.datapath import inventory, veth
@@ -39,6 +39,7 @@ from cni_plugin.errors import (
     CNIError,
 )
 from cni_plugin.ipam import AddressRequest, AssignedAddress, AttachmentOwner, IpamPort
+from cni_plugin.kernel_record import AttachmentRecord
 from cni_plugin.netconf import NetConf, ci_get
 from cni_plugin.reaper import HostVethReaper
 from cni_plugin.result import Interface, IPConfig, Result, Route
@@ -63,6 +64,7 @@ class MoorPlugin:
         masq: MasqueradeRules,
         *,
         own_netns_inode: int,
+        node: str = "",
         locks: AttachmentLocks | None = None,
         reaper: HostVethReaper | None = None,
         lock_wait: Callable[[], float] = lambda: min(LOCK_WAIT, deadline.remaining()),
@@ -71,6 +73,7 @@ class MoorPlugin:
         self.ipam = ipam
         self.masq = masq
         self.own_netns_inode = own_netns_inode
+        self.node_tag = kernel_record.node_tag(node)  # in the host veth's alias: whose pod
         self.locks = locks or AttachmentLocks()
         self.reaper = reaper or HostVethReaper()
         self.lock_wait = lock_wait
@@ -236,10 +239,10 @@ class MoorPlugin:
             self._fault("after-ipam", req)
             try:
                 try:
-                    pair = self._create_veth(req, host_name, bridge)
+                    pair = self._create_veth(req, host_name, bridge, alloc)
                 except LinkNotFound:  # the cached bridge was deleted under us: re-ensure it once
                     bridge = self._ensure_bridge(conf, alloc, fresh=True)
-                    pair = self._create_veth(req, host_name, bridge)
+                    pair = self._create_veth(req, host_name, bridge, alloc)
             except PodInterfaceExists as exc:
                 raise CNIError(
                     INTERFACE_EXISTS, f"interface {req.ifname!r} already exists in {req.netns}"
@@ -277,7 +280,9 @@ class MoorPlugin:
             dns=conf.dns,
         )
 
-    def _create_veth(self, req: Request, host_name: str, bridge: br.LinkInfo) -> veth.VethPair:
+    def _create_veth(
+        self, req: Request, host_name: str, bridge: br.LinkInfo, alloc: AssignedAddress | None
+    ) -> veth.VethPair:
         return veth.create_veth(
             host_name,
             req.ifname,
@@ -286,7 +291,25 @@ class MoorPlugin:
             mtu=req.conf.mtu,
             mac=req.conf.mac or req.args.mac or None,
             hairpin=req.conf.hairpin_mode,
+            alias=self._kernel_record(req, alloc),
         )
+
+    def _kernel_record(self, req: Request, alloc: AssignedAddress | None) -> str:
+        """What the host veth tells a daemon whose store lost this allocation."""
+        if alloc is None:
+            return ""
+        a = req.args
+        record = AttachmentRecord(
+            self.node_tag,
+            alloc.interface,
+            req.conf.name,
+            req.container_id,
+            req.ifname,
+            a.pod_namespace,
+            a.pod_name,
+            a.pod_uid,
+        )
+        return kernel_record.encode(record) or ""
 
     def _ipam_add(self, req: Request) -> Result:
         alloc = self._allocate(req, netns_inode(req.netns_fd) if req.netns_fd is not None else 0)

@@ -1,7 +1,9 @@
-"""moor-ipamd composed: store, subnet leases, allocator, the CNI endpoint, the gRPC API and timers.
+"""moor-ipamd composed: the store, the node's IPAM (`assembly.py`), the CNI endpoint, the gRPC API
+and the timers.
 
-Start order matters: the store and the node's lease come first, then the spooled DELs are replayed,
-and only then do the sockets open, so no ADD can race a DEL the daemon missed while it was down.
+Start order matters: the store and the node's IPAM come first (its lease, its allocations, those
+the store lost put back), then the spooled DELs are replayed, and only then do the sockets open,
+so no ADD can race a DEL the daemon missed while it was down.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import threading
 import time
 from collections.abc import Callable
 from types import FrameType
-from typing import Any, NoReturn
 
 from cni_plugin import deadline, skel
 from cni_plugin.attachments import AttachmentLocks
@@ -28,29 +29,22 @@ from cni_plugin.reaper import HostVethReaper
 from cni_plugin.skel import Reply, Request
 from cni_plugin.wire import WireRequest
 from ipamd.admin import AdminServicer
-from ipamd.allocator import NodeAllocator
+from ipamd.assembly import AwaitingNetwork, IpamSwitch, assemble_node, remembered_network
 from ipamd.cni_port import NodeIpamPort
 from ipamd.cni_server import CniEndpoint
 from ipamd.config import DaemonConfig
-from ipamd.errors import NoLease
 from ipamd.grpc_gate import GrpcGate
-from ipamd.guard import StoreGuard
-from ipamd.journal import ReleaseJournal
 from ipamd.leakgc import LeakCollector
-from ipamd.leases import SubnetLeaseManager
 from ipamd.metrics import Metrics
-from ipamd.model import Allocation, NetworkConfig
-from ipamd.node import GarbageReport, NodeIpam
-from ipamd.node_state import NodeStateFile
+from ipamd.model import NetworkConfig
+from ipamd.node import NodeIpam
 from ipamd.ops import NO_NETWORK, ClusterOps
-from ipamd.pool import PoolStatus
 from ipamd.server import GrpcServer
 from ipamd.service import IpamServicer
 from ipamd.spool import replay_spool
 from ipamd.store.base import request_deadline
 from ipamd.store.keys import Keys
 from ipamd.store.open import open_store
-from ipamd.sync import StoreFollower
 
 log = logging.getLogger(__name__)
 TIMER_TICK = 5.0
@@ -92,57 +86,6 @@ def interface_ipv4(iface: str) -> str:
     return socket.inet_ntoa(reply[20:24])
 
 
-class AwaitingNetwork:
-    """Stands in for NodeIpam while the store holds no network config (`--network ""`).
-
-    ADD answers 11 and STATUS 50, both saying what to do. Nothing can be allocated without a
-    network, so a DEL has nothing to release.
-    """
-
-    network = ""
-
-    def __init__(self, node: str) -> None:
-        self.node = node
-
-    def not_ready_reason(self) -> str:
-        return NO_NETWORK
-
-    def allocate(self, *args: object, **kw: object) -> NoReturn:
-        raise NoLease(NO_NETWORK)
-
-    def release(self, *args: object) -> None:
-        return None
-
-    def release_if_unchanged(self, alloc: object) -> bool:
-        return False
-
-    def lookup(self, *args: object) -> None:
-        return None
-
-    def allocations(self, network: str | None = None) -> list[Allocation]:
-        return []
-
-    def pools(self) -> list[PoolStatus]:
-        return []
-
-    def collect_garbage(self, *args: object) -> GarbageReport:
-        return GarbageReport()
-
-    def replay_journal(self) -> int:
-        return 0
-
-
-class IpamSwitch:
-    """What the CNI plugin and the gRPC services hold when the daemon started awaiting its
-    network config: AwaitingNetwork first, then the node's NodeIpam (one attribute swap)."""
-
-    def __init__(self, target: AwaitingNetwork | NodeIpam) -> None:
-        self.target = target
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.target, name)
-
-
 class Daemon:
     def __init__(self, cfg: DaemonConfig) -> None:
         self.cfg = cfg
@@ -171,6 +114,7 @@ class Daemon:
             NodeIpamPort(self.ipam),  # type: ignore[arg-type]  # IpamSwitch stands in for NodeIpam
             MasqueradeRules(cfg.masq_chain),
             own_netns_inode=os.stat("/proc/self/ns/net").st_ino,
+            node=cfg.node_name,
             locks=self.locks,
             reaper=self.reaper,
             fault_hook=fault_hook if cfg.enable_fault_injection else None,
@@ -201,76 +145,34 @@ class Daemon:
     def _initial_ipam(self) -> NodeIpam | IpamSwitch:
         """The node's IPAM; or, with `--network ""` and no config in the store yet, a stand-in
         answering "not ready" until `moorctl network init` writes one (the timers adopt it)."""
-        netcfg = self.cfg.network_config() or self.ops.network() or self._remembered_network()
+        netcfg = (
+            self.cfg.network_config()
+            or self.ops.network()
+            or remembered_network(self.cfg.state_dir, self.cfg.node_name)
+        )
         if netcfg is not None:
             return self._node_ipam(netcfg)
         log.warning("%s; waiting for it", NO_NETWORK)
         return IpamSwitch(AwaitingNetwork(self.cfg.node_name))
 
-    def _state_file(self) -> str:
-        return os.path.join(self.cfg.state_dir, f"lease-{self.cfg.node_name}.json")
-
-    def _remembered_network(self) -> NetworkConfig | None:
-        """With `--network ""` and no config in the store: the one this node last served, if it
-        remembers one (the store lost it; it is written back)."""
-        config = NodeStateFile(self._state_file()).load().config
-        if config is not None:
-            log.error("no network config in the store; node %s remembers %s and restores it",
-                      self.cfg.node_name, config.to_json().decode())  # fmt: skip
-        return config
-
     def _node_ipam(self, netcfg: NetworkConfig) -> NodeIpam:
-        """Write or check the network config, lease this node's subnets, load its allocations;
-        only then start the renewal and the store follower, so a failed start (retried while
-        awaiting the network) leaves no thread behind."""
-        cfg = self.cfg
-        leases = SubnetLeaseManager(
+        """The node's IPAM, assembled; only then the lease renewal and the store follower start,
+        so a failed start (retried while awaiting the network) leaves no thread behind."""
+        node = assemble_node(
+            self.cfg,
             self.store,
             self.keys,
-            cfg.node_name,
             netcfg,
-            ttl=cfg.lease_ttl,
-            state_file=self._state_file(),
+            metrics=self.metrics,
+            locks=self.locks,
             public_ip=self.public_ip,
+            stop=self._stop,
         )
-        leases.ensure_network_config()
-        subnets = leases.acquire()
-        log.info("node %s serves pod IPs from %s", cfg.node_name, ", ".join(map(str, subnets)))
-        allocator = NodeAllocator(
-            self.store, self.keys, cfg.node_name, leases, cooldown=cfg.cooldown
-        )
-        guard = StoreGuard(
-            self.store,
-            self.keys,
-            leases,
-            allocator,
-            locks=self.locks,
-            host_links=host_link_names,
-            on_recovery=self.metrics.count_recovery,
-            on_conflict=self.metrics.count_conflict,
-        )
-        leases.on_conflict = guard.conflict
-        guard.probe()  # the store's identity and revision, as this daemon first sees them
-        revision = self.store.revision()  # changes after it reach the allocator by the follower
-        allocator.load()
-        ipam = NodeIpam(
-            self.store,
-            cfg.node_name,
-            leases,
-            allocator,
-            self.metrics,
-            journal=ReleaseJournal(os.path.join(cfg.state_dir, f"releases-{cfg.node_name}.jsonl")),
-            store_grace=cfg.store_grace,
-            locks=self.locks,
-            guard=guard,
-        )
-        ipam.replay_journal()
-        self.leases, self.allocator, self.guard = leases, allocator, guard
-        leases.start_renewal()
-        follower = StoreFollower(self.store, self.keys, leases, allocator, guard, self._stop)
-        self._spawn("store-follower", lambda: follower.run(revision + 1))
-        self.metrics.track(ipam)
-        return ipam
+        self.leases, self.allocator, self.guard = node.leases, node.allocator, node.guard
+        node.leases.start_renewal()
+        self._spawn("store-follower", lambda: node.follower.run(node.revision + 1))
+        self.metrics.track(node.ipam)
+        return node.ipam
 
     @property
     def awaiting_network(self) -> bool:

@@ -12,11 +12,12 @@ vanished record for "released elsewhere" and hands the IPs out again. Signals of
   without a release record newer than the allocation (`moorctl release` writes one).
 
 On a loss the node stops allocating (ADD answers 11, STATUS 50 saying why) and re-asserts, each
-step create-if-absent: the network config, its subnet leases (`SubnetLeaseManager.reassert`), then
-the allocation of every pod whose netns or host veth still exists, with its owner. An allocation
-whose pod is gone is forgotten (the leak GC would free it anyway). What another node holds by
-now is a conflict: logged loudly, counted, listed in `moorctl status`, and never allocated from.
-Then the node serves again.
+step create-if-absent (`reassert.py`): the network config, its subnet leases
+(`SubnetLeaseManager.reassert`), then the allocation of every pod whose netns or host veth still
+exists, with its owner. An allocation whose pod is gone is forgotten (the leak GC would free it
+anyway). What another node holds by now is a conflict: logged loudly, counted, listed in `moorctl
+status`, and never allocated from. Then the node serves again. At start, a daemon also puts back
+what the host veths record and the store lost while it was down (`restore_from_kernel`).
 
 Locks: `_lock` guards the loss state, the identity seen and the conflict list (held briefly);
 `_recovery` serialises verify, recovery and the follower's reload (the timer thread and the
@@ -32,17 +33,16 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from cni_plugin.attachments import AttachmentBusy, AttachmentLocks
+from cni_plugin.attachments import AttachmentLocks
+from cni_plugin.kernel_record import AttachmentRecord
 from ipamd.allocator import NodeAllocator
 from ipamd.leases import SubnetLeaseManager
-from ipamd.liveness import IncompleteView, attachment_gone
 from ipamd.model import Allocation, NetworkConfig, SubnetLease
-from ipamd.release import TXN_RETRIES
-from ipamd.store.base import Compare, Put, Store, StoreError, StoreIdentity, StoreUnavailable
+from ipamd.reassert import Reasserter
+from ipamd.store.base import Store, StoreError, StoreIdentity, StoreUnavailable
 from ipamd.store.keys import Keys, covering_prefixes
 
 log = logging.getLogger(__name__)
-LOCK_WAIT = 5.0  # seconds to wait for an attachment busy with a CNI verb
 KEEP_CONFLICTS = 50
 
 
@@ -56,6 +56,7 @@ class StoreGuard:
         *,
         locks: AttachmentLocks,
         host_links: Callable[[], set[str]],
+        kernel_records: Callable[[], dict[str, AttachmentRecord]] = dict,
         on_recovery: Callable[[], None] = lambda: None,
         on_conflict: Callable[[str, str], None] = lambda kind, sentence: None,
         clock: Callable[[], float] = time.time,
@@ -65,7 +66,6 @@ class StoreGuard:
         self.leases = leases
         self.allocator = allocator
         self.locks = locks
-        self.host_links = host_links
         self.on_recovery = on_recovery
         self.on_conflict = on_conflict
         self.clock = clock
@@ -75,6 +75,17 @@ class StoreGuard:
         self._identity: StoreIdentity | None = None
         self._max_revision = 0
         self.conflicts: deque[str] = deque(maxlen=KEEP_CONFLICTS)
+        self.reasserter = Reasserter(
+            store,
+            keys,
+            leases,
+            allocator,
+            locks=locks,
+            host_links=host_links,
+            kernel_records=kernel_records,
+            conflict=self.conflict,
+            clock=clock,
+        )
 
     @property
     def node(self) -> str:
@@ -89,6 +100,7 @@ class StoreGuard:
 
     def conflict(self, kind: str, sentence: str) -> None:
         """Record a conflict (also those the lease manager meets): status, metrics, log."""
+        log.error("CONFLICT: %s", sentence)
         with self._lock:
             self.conflicts.append(sentence)
         self.on_conflict(kind, sentence)
@@ -193,6 +205,16 @@ class StoreGuard:
             self.allocator.load()
             return revision
 
+    def restore_from_kernel(self) -> int:
+        """At start, after the allocator loaded the store: put back every allocation the host's
+        veths record and the store does not hold (it lost them while the daemon was down, so no
+        memory knows them either). Returns how many; the caller reloads the allocator."""
+        with self._recovery:
+            restored = self.reasserter.from_kernel()
+        if restored:
+            self.on_recovery()
+        return restored
+
     # ---- re-assertion -----------------------------------------------------------------------
     def _recover_if_lost(self) -> None:
         with self._lock:
@@ -200,9 +222,9 @@ class StoreGuard:
         if why is None:
             return
         log.warning("node %s re-asserts its state: %s", self.node, why)
-        self._restore_config()
+        self.reasserter.config()
         self.leases.reassert()
-        pending = self._reassert_allocations()
+        pending = self.reasserter.allocations()
         if pending:
             raise StoreError(f"{pending} allocation(s) busy or failing; re-asserting again soon")
         _, identity = self.store.get_with_identity(self.keys.config())
@@ -210,89 +232,3 @@ class StoreGuard:
             self._identity, self._max_revision, self._lost = identity, identity.revision, None
         log.warning("node %s re-asserted its state after: %s; allocating again", self.node, why)
         self.on_recovery()
-
-    def _restore_config(self) -> None:
-        ours = self.leases.config
-        key = self.keys.config()
-        if self.store.create(key, ours.to_json()):
-            log.warning("put back the network config (cluster %s)", ours.cluster_id)
-            return
-        kv = self.store.get(key)
-        if kv is None:
-            raise StoreError("the network config vanished while being put back; retrying")
-        stored = NetworkConfig.from_json(kv.value)
-        if stored.cluster_id == ours.cluster_id:
-            return
-        if stored == ours:  # the same network, initialised again: it is ours under a new ID
-            log.warning("the network was initialised again as cluster %s; adopting it",
-                        stored.cluster_id)  # fmt: skip
-            self.leases.adopt_cluster_id(stored.cluster_id)
-            return
-        sentence = (
-            f"the store holds another network config ({stored.network} /{stored.subnet_len}, "
-            f"cluster {stored.cluster_id}) than node {self.node}'s ({ours.network} "
-            f"/{ours.subnet_len}, cluster {ours.cluster_id}): an operator must resolve it"
-        )
-        with self._lock:
-            seen = sentence in self.conflicts
-        if not seen:
-            self.conflict("config", sentence)
-        raise StoreError(sentence)
-
-    def _reassert_allocations(self) -> int:
-        """Put back every live allocation; forget dead ones. Returns how many must be retried."""
-        links = self.host_links()
-        removed = self.store.get(self.keys.removal(self.node)) is not None
-        held = self.leases.subnets
-        retry = 0
-        for alloc in self.allocator.allocations():
-            if removed and alloc.subnet not in held:
-                continue  # an admin removed that subnet with its records: not ours to put back
-            key = (alloc.owner.container_id, alloc.owner.ifname)
-            try:
-                with self.locks.hold(key, LOCK_WAIT):
-                    if self.allocator.get(*alloc.owner.handle) == alloc:
-                        self._reassert(alloc, links)
-            except (AttachmentBusy, StoreError) as exc:
-                log.warning("re-asserting %s: %s", alloc.ip, exc)
-                retry += 1
-        return retry
-
-    def _reassert(self, alloc: Allocation, links: set[str]) -> None:
-        try:
-            gone = attachment_gone(alloc, links)
-        except IncompleteView:
-            gone = False  # cannot tell: keep it (the leak GC looks again later)
-        handle = "/".join(alloc.owner.handle)
-        if gone:
-            if self.allocator.forget(alloc):
-                log.info("%s of %s: pod gone and record lost; forgotten", alloc.ip, handle)
-            return
-        ip_key, handle_key = self.keys.ip(alloc.ip), self.keys.handle(*alloc.owner.handle)
-        ip_text = str(alloc.ip).encode()
-        for _ in range(TXN_RETRIES):
-            kv = self.store.get(ip_key)
-            if kv is not None:
-                holder = Allocation.from_json(alloc.ip, kv.value)
-                if holder.owner.handle != alloc.owner.handle:
-                    self.conflict(
-                        "ip",
-                        f"{alloc.ip} is held by pod {alloc.owner.pod or '-'} ({handle}) on node "
-                        f"{self.node}, but the store gives it to {holder.owner.pod or '-'} "
-                        f"({'/'.join(holder.owner.handle)}) on node {holder.node}",
-                    )
-                    return
-                hkv = self.store.get(handle_key)
-                if hkv is not None and hkv.value == ip_text:
-                    return  # both records there: nothing was lost of this one
-                ops = [Put(handle_key, ip_text)]
-                compares = [Compare(ip_key, kv.mod_revision)]
-            else:
-                hkv = self.store.get(handle_key)  # a handle left by a rolled-back past goes
-                ops = [Put(ip_key, alloc.to_json()), Put(handle_key, ip_text)]
-                compares = [Compare(ip_key, 0)]
-            compares.append(Compare(handle_key, hkv.mod_revision if hkv is not None else 0))
-            if self.store.txn(compares, ops).succeeded:
-                log.warning("put back %s of %s (pod %s)", alloc.ip, handle, alloc.owner.pod or "-")
-                return
-        raise StoreError(f"the records of {alloc.ip} kept changing while being put back")

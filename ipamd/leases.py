@@ -362,9 +362,10 @@ class SubnetLeaseManager:
         raise StoreError(f"subnet {subnet} kept changing while being claimed back")
 
     def _conflict(self, kind: str, sentence: str) -> None:
-        log.error("CONFLICT: %s", sentence)
         if self.on_conflict is not None:
-            self.on_conflict(kind, sentence)
+            self.on_conflict(kind, sentence)  # the store guard logs, counts and shows it
+        else:
+            log.error("CONFLICT: %s", sentence)
 
     # ---- renewal ----------------------------------------------------------------------------
     def renew_once(self) -> bool:

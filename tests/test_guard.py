@@ -161,8 +161,9 @@ def test_a_subnet_another_node_took_is_a_conflict_and_never_used(world: World) -
     )
     n1.guard.verify()
     n1.guard.check()
-    assert [kind for kind, _ in n1.conflicts] == ["subnet"]
+    assert [kind for kind, _ in n1.conflicts] == ["subnet", "subnet"]
     assert "held by mgd2" in n1.conflicts[0][1] and list(n1.guard.conflicts)
+    assert f"{a.ip} of pod ns/a" in n1.conflicts[1][1]  # and which pod it leaves stranded
     assert subnet not in n1.leases.subnets and n1.leases.has_lease()  # a new one instead
     assert world.record(str(a.ip)) == a  # its pod's record still protects the IP
     assert pod(n1, "b").ip not in subnet  # never from the subnet it lost
@@ -225,7 +226,7 @@ def test_a_store_that_answers_as_another_cluster_is_a_loss(world: World, tmp_pat
     n.guard.store = other
     n.guard.probe()
     assert "answers as cluster" in (n.guard.reason() or "")
-    n.leases.store = other
+    n.leases.store = n.guard.reasserter.store = other  # all of the daemon now talks to it
     n.guard.check()
     assert n.guard.reason() is None
     assert other.get(world.keys.ip(a.ip)) is not None

@@ -8,6 +8,8 @@ real pods (netns, veths) made through bin/moor.
 - rollback: etcd is restored from a snapshot taken before the newest pods and before some pods
   were deleted. The newest come back from the live node; the deleted ones' records, which the
   backup brought back, are freed by the leak GC.
+- restart on a lost store: a node's SQLite file is gone while its daemon is down; the daemon puts
+  its running pods back from their host veths' records before it hands out an IP.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from pathlib import Path
 
 import pytest
 
+from cni_plugin.datapath.veth import host_veth_name
 from ipamd.store.keys import Keys
-from tests.conftest import require, start_daemon
+from tests.conftest import _run_id, require, start_daemon
 from tests.helpers import etcd, oracle
 from tests.helpers.moor import Daemon, ExecRuntime, delete_netns, make_netns, plugin_config
 
@@ -70,7 +73,7 @@ class Cluster:
         return plugin_config("mslnet", "1.1.0", d.plugin())
 
     def add_pod(self, d: Daemon, tag: str) -> str:
-        ns = f"msl-{tag}"
+        ns = f"msl-{_run_id}-{tag}"  # unique per run: another run may be going on
         path = make_netns(ns)
         cid = f"msl-{tag}"
         self.pods[ns] = (cid, d)
@@ -186,8 +189,8 @@ def test_rolled_back_etcd_gets_the_newest_pods_back_and_gc_frees_the_dead(
     cluster.etcd.snapshot(backup)
     for i in range(5):
         cluster.add_pod(node, f"new{i}")
-    cluster.delete_pod("msl-old0")
-    cluster.delete_pod("msl-old1")
+    cluster.delete_pod(f"msl-{_run_id}-old0")
+    cluster.delete_pod(f"msl-{_run_id}-old1")
     live = cluster.kernel_ips()
 
     cluster.etcd.restore(backup)  # the five old pods, two of them deleted since; none new
@@ -200,3 +203,31 @@ def test_rolled_back_etcd_gets_the_newest_pods_back_and_gc_frees_the_dead(
     assert node.status()["ready"]
     fresh = cluster.add_pod(node, "after")
     assert fresh not in live.values()
+
+
+def test_a_daemon_restarted_on_a_lost_sqlite_store_puts_running_pods_back(
+    cluster: Cluster,
+) -> None:
+    """The single-node store file is gone while the daemon is down: at start, the daemon knows
+    its config and subnet from its state file and its running pods from their host veths' alias
+    (written at ADD), and puts every allocation back before it hands out an IP."""
+    d = start_daemon(cluster.tmp / "msl5", "msl5", NETWORK, "msl5br0")
+    cluster.nodes["msl5"] = d
+    before = {}
+    for i in range(5):
+        ip = cluster.add_pod(d, f"s{i}")
+        before[ip] = f"msl-s{i}"
+    alias = oracle.link(host_veth_name("msl-s0", "eth0"))["ifalias"]
+    assert alias.startswith("moor1 ") and "msl-s0 eth0 msl s0" in alias
+    d.stop()
+    for suffix in ("", "-wal", "-shm"):
+        (cluster.tmp / "msl5" / f"store.db{suffix}").unlink(missing_ok=True)
+    d.start()
+    eventually("the daemon to be ready", lambda: d.status()["ready"])
+    held = {a["ip"].split("/")[0]: a["containerID"] for a in d.status()["allocations"]}
+    assert held == before
+    assert recoveries(d) == 1
+    fresh = cluster.add_pod(d, "after")
+    assert fresh not in before
+    ips = cluster.kernel_ips()
+    assert len(set(ips.values())) == len(ips) == 6

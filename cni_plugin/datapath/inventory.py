@@ -73,6 +73,17 @@ def lookup_bridge(name: str) -> LinkInfo | None:
     return link_info(msg) if link_kind(msg) == "bridge" else None
 
 
+def host_link_aliases() -> dict[str, str]:
+    """Every host link that carries an alias: name -> alias (one dump)."""
+    with translate_errors("dump host links"):
+        links = dump_retry(lambda: host_ipr().link("dump"))
+    return {
+        str(m.get("IFLA_IFNAME")): str(alias)
+        for m in links
+        if (alias := m.get("IFLA_IFALIAS")) is not None
+    }
+
+
 def host_link_names() -> set[str]:
     """Names of every link in the host netns (one dump)."""
     with translate_errors("dump host links"):

@@ -111,10 +111,14 @@ def create_veth(
     mtu: int = 0,
     mac: str | None = None,
     hairpin: bool = False,
+    alias: str = "",
 ) -> VethPair:
     """Create host end `host_name` (up, enslaved to `bridge_index`) with peer `pod_ifname` already
     inside the netns of `netns_fd`, in ONE RTM_NEWLINK. The pod end stays down until
     configure_pod_interface.
+
+    alias: the host end's IFLA_IFALIAS (the attachment's kernel record, see kernel_record.py);
+    one more request, because the kernel ignores an alias given at creation.
 
     mac: MAC of the pod end; a random locally administered one when None. The host end's MAC is
     chosen here too, so the result is known without reading either end back (one request saved on
@@ -146,16 +150,21 @@ def create_veth(
             raise
     else:
         raise LinkExists(f"veth {host_name!r}/{pod_ifname!r}: EEXIST but no clash found")
-    if hairpin:
-        try:
+    try:
+        if alias:
+            named = ifinfmsg()  # ifindex 0: the kernel finds the link by IFLA_IFNAME
+            named["attrs"] = [("IFLA_IFNAME", host_name), ("IFLA_IFALIAS", alias)]
+            with translate_errors(f"set the alias of {host_name!r}"):
+                rtnl.request(named, RTM_NEWLINK)
+        if hairpin:
             with translate_errors(f"set hairpin on {host_name!r}"):
                 ipr = host_ipr()
                 index = int(ipr.link("get", ifname=host_name)[0]["index"])
                 ipr.brport("set", index=index, mode=1)
-        except BaseException:
-            with contextlib.suppress(DatapathError):
-                delete_host_veth_if_exists(host_name)  # leave nothing half-configured behind
-            raise
+    except BaseException:
+        with contextlib.suppress(DatapathError):
+            delete_host_veth_if_exists(host_name)  # leave nothing half-configured behind
+        raise
     return VethPair(host=VethEnd(host_name, host_mac), pod=VethEnd(pod_ifname, pod_mac))
 
 

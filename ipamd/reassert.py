@@ -1,0 +1,208 @@
+"""Putting back what a store lost: the network config, and the allocations of live pods.
+
+The store guard (`guard.py`) decides that the store lost data; this module does the putting back,
+each record create-if-absent and never over a record that names someone else (a conflict, which
+is reported and left alone). Live pods come from two places: the allocator's memory (a pod is
+kept while its netns or host veth exists, else forgotten) and, for a daemon that restarted after
+the loss and remembers nothing, the host veths' own records (`cni_plugin/kernel_record.py`).
+Every allocation is put back under its attachment's lock, re-read there.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from cni_plugin.attachments import AttachmentBusy, AttachmentLocks
+from cni_plugin.kernel_record import AttachmentRecord
+from ipamd.allocator import NodeAllocator
+from ipamd.leases import SubnetLeaseManager
+from ipamd.liveness import IncompleteView, attachment_gone
+from ipamd.model import Allocation, NetworkConfig, Owner
+from ipamd.release import TXN_RETRIES
+from ipamd.store.base import Compare, Put, Store, StoreError
+from ipamd.store.keys import Keys
+
+log = logging.getLogger(__name__)
+LOCK_WAIT = 5.0  # seconds to wait for an attachment busy with a CNI verb
+
+
+class Reasserter:
+    def __init__(
+        self,
+        store: Store,
+        keys: Keys,
+        leases: SubnetLeaseManager,
+        allocator: NodeAllocator,
+        *,
+        locks: AttachmentLocks,
+        host_links: Callable[[], set[str]],
+        kernel_records: Callable[[], dict[str, AttachmentRecord]],
+        conflict: Callable[[str, str], None],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.keys = keys
+        self.leases = leases
+        self.allocator = allocator
+        self.locks = locks
+        self.host_links = host_links
+        self.kernel_records = kernel_records  # host veth -> what its alias says (ADD wrote it)
+        self.conflict = conflict
+        self.clock = clock
+        self._reported: set[str] = set()
+
+    @property
+    def node(self) -> str:
+        return self.leases.node
+
+    def config(self) -> None:
+        """Put back the network config with its cluster ID; adopt a new ID for the same network;
+        another network is a conflict (StoreError until an operator resolves it)."""
+        ours = self.leases.config
+        key = self.keys.config()
+        if self.store.create(key, ours.to_json()):
+            log.warning("put back the network config (cluster %s)", ours.cluster_id)
+            return
+        kv = self.store.get(key)
+        if kv is None:
+            raise StoreError("the network config vanished while being put back; retrying")
+        stored = NetworkConfig.from_json(kv.value)
+        if stored.cluster_id == ours.cluster_id:
+            return
+        if stored == ours:  # the same network, initialised again: it is ours under a new ID
+            log.warning("the network was initialised again as cluster %s; adopting it",
+                        stored.cluster_id)  # fmt: skip
+            self.leases.adopt_cluster_id(stored.cluster_id)
+            return
+        sentence = (
+            f"the store holds another network config ({stored.network} /{stored.subnet_len}, "
+            f"cluster {stored.cluster_id}) than node {self.node}'s ({ours.network} "
+            f"/{ours.subnet_len}, cluster {ours.cluster_id}): an operator must resolve it"
+        )
+        if sentence not in self._reported:  # once, however often it is retried
+            self._reported.add(sentence)
+            self.conflict("config", sentence)
+        raise StoreError(sentence)
+
+    def allocations(self) -> int:
+        """Put back every live allocation; forget dead ones. Returns how many must be retried."""
+        links = self.host_links()
+        removed = self.store.get(self.keys.removal(self.node)) is not None
+        held = self.leases.subnets
+        from_kernel = self._kernel_allocations()
+        retry = 0
+        for alloc in self.allocator.allocations() + from_kernel:
+            if removed and alloc.subnet not in held:
+                continue  # an admin removed that subnet with its records: not ours to put back
+            key = (alloc.owner.container_id, alloc.owner.ifname)
+            try:
+                with self.locks.hold(key, LOCK_WAIT):
+                    if alloc in from_kernel:
+                        self._put_back(alloc)  # its host veth is there: alive by definition
+                    elif self.allocator.get(*alloc.owner.handle) == alloc:
+                        self._reassert(alloc, links)
+            except (AttachmentBusy, StoreError) as exc:
+                log.warning("re-asserting %s: %s", alloc.ip, exc)
+                retry += 1
+        return retry
+
+    def _reassert(self, alloc: Allocation, links: set[str]) -> None:
+        try:
+            gone = attachment_gone(alloc, links)
+        except IncompleteView:
+            gone = False  # cannot tell: keep it (the leak GC looks again later)
+        handle = "/".join(alloc.owner.handle)
+        if gone:
+            if self.allocator.forget(alloc):
+                log.info("%s of %s: pod gone and record lost; forgotten", alloc.ip, handle)
+            return
+        self._put_back(alloc)
+
+    def _put_back(self, alloc: Allocation) -> None:
+        """Create-if-absent the IP record and handle of a live allocation; a record that names
+        another owner is a conflict, never overwritten."""
+        handle = "/".join(alloc.owner.handle)
+        if not any(alloc.ip in subnet for subnet in self.leases.subnets):
+            sentence = (
+                f"{alloc.ip} of pod {alloc.owner.pod or '-'} ({handle}) on node {self.node} is "
+                "outside the subnets it holds now; its record is put back to protect it"
+            )
+            if sentence not in self._reported:  # once per pod, however often it is retried
+                self._reported.add(sentence)
+                self.conflict("subnet", sentence)
+        ip_key, handle_key = self.keys.ip(alloc.ip), self.keys.handle(*alloc.owner.handle)
+        ip_text = str(alloc.ip).encode()
+        for _ in range(TXN_RETRIES):
+            kv = self.store.get(ip_key)
+            if kv is not None:
+                holder = Allocation.from_json(alloc.ip, kv.value)
+                if holder.owner.handle != alloc.owner.handle:
+                    self.conflict(
+                        "ip",
+                        f"{alloc.ip} is held by pod {alloc.owner.pod or '-'} ({handle}) on node "
+                        f"{self.node}, but the store gives it to {holder.owner.pod or '-'} "
+                        f"({'/'.join(holder.owner.handle)}) on node {holder.node}",
+                    )
+                    return
+                hkv = self.store.get(handle_key)
+                if hkv is not None and hkv.value == ip_text:
+                    return  # both records there: nothing was lost of this one
+                ops = [Put(handle_key, ip_text)]
+                compares = [Compare(ip_key, kv.mod_revision)]
+            else:
+                hkv = self.store.get(handle_key)  # a handle left by a rolled-back past goes
+                ops = [Put(ip_key, alloc.to_json()), Put(handle_key, ip_text)]
+                compares = [Compare(ip_key, 0)]
+            compares.append(Compare(handle_key, hkv.mod_revision if hkv is not None else 0))
+            if self.store.txn(compares, ops).succeeded:
+                log.warning("put back %s of %s (pod %s)", alloc.ip, handle, alloc.owner.pod or "-")
+                return
+        raise StoreError(f"the records of {alloc.ip} kept changing while being put back")
+
+    def from_kernel(self) -> int:
+        """Put back every allocation the host's veths record and memory lacks (the store lost
+        them while the daemon was down). Returns how many; StoreError if some must be retried."""
+        missing = self._kernel_allocations()
+        if not missing:
+            return 0
+        log.error(
+            "STORE LOSS on node %s: %d running pod(s) hold IPs the store does not record; "
+            "putting them back from the host veths before serving",
+            self.node,
+            len(missing),
+        )
+        retry = 0
+        for alloc in missing:
+            try:
+                with self.locks.hold((alloc.owner.container_id, alloc.owner.ifname), LOCK_WAIT):
+                    self._put_back(alloc)
+            except (AttachmentBusy, StoreError) as exc:
+                log.warning("putting back %s: %s", alloc.ip, exc)
+                retry += 1
+        if retry:
+            raise StoreError(f"{retry} allocation(s) from the host veths not put back yet")
+        return len(missing)
+
+    def _kernel_allocations(self) -> list[Allocation]:
+        """What the host veths record (kernel_record.py) and the allocator's memory lacks."""
+        known = {a.owner.handle for a in self.allocator.allocations()}
+        out = []
+        for host_veth, rec in sorted(self.kernel_records().items()):
+            owner = Owner(
+                rec.network,
+                rec.container_id,
+                rec.ifname,
+                rec.pod_namespace,
+                rec.pod_name,
+                rec.pod_uid,
+            )
+            if owner.handle not in known:
+                subnet = rec.interface.network
+                out.append(
+                    Allocation(
+                        rec.interface.ip, subnet, owner, self.node, self.clock(), "", 0, host_veth
+                    )
+                )
+        return out
