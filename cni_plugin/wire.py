@@ -31,12 +31,6 @@ class WireRequest:
     netns_errno: int = 0
 
 
-def encode_request(env: dict[str, str], stdin: bytes) -> bytes:
-    """What the shim sends; used by tests and the replay path."""
-    fields = [MAGIC] + [f"{k}={v}".encode() for k, v in env.items()]
-    return b"\0".join(fields) + b"\0\0" + stdin
-
-
 def decode_request(data: bytes) -> WireRequest:
     head, sep, stdin = data.partition(b"\0\0")
     if not sep:
@@ -63,9 +57,3 @@ def decode_request(data: bytes) -> WireRequest:
 
 def encode_reply(code: int, stdout: bytes, stderr: bytes = b"") -> bytes:
     return b"%d %d\n" % (code, len(stdout)) + stdout + stderr
-
-
-def decode_reply(data: bytes) -> tuple[int, bytes, bytes]:
-    head, _, body = data.partition(b"\n")
-    code, length = (int(x) for x in head.split(b" "))
-    return code, body[:length], body[length:]

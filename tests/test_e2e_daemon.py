@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 
 from cni_plugin.datapath.veth import host_veth_name
-from cni_plugin.wire import encode_request
 from tests.conftest import start_daemon
 from tests.helpers import oracle
 from tests.helpers.moor import REPO, Daemon, ExecRuntime, plugin_config
+from tests.helpers.wire_client import encode_request
 
 pytestmark = pytest.mark.netns
 NetnsFactory = Callable[[], tuple[str, str]]

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from cni_plugin.datapath.veth import host_veth_name
-from cni_plugin.wire import MAX_REQUEST, decode_reply, encode_request
+from cni_plugin.wire import MAX_REQUEST
 from ipamd.cni_server import READ_LIMIT, READING_LIMIT
 from tests.conftest import start_daemon
 from tests.helpers import oracle
@@ -40,6 +40,7 @@ from tests.helpers.moor import (
     plugin_config,
     run_cmd,
 )
+from tests.helpers.wire_client import decode_reply, encode_request
 
 pytestmark = pytest.mark.netns
 NetnsFactory = Callable[[], str]

@@ -27,7 +27,8 @@ from cni_plugin.datapath.netns import netns_inode
 from cni_plugin.errors import CNIError, to_cni_error
 from cni_plugin.netconf import SUPPORTED_VERSIONS
 from cni_plugin.result import DNS, Interface, IPConfig, Result, Route
-from cni_plugin.wire import decode_request, encode_request
+from cni_plugin.wire import decode_request
+from tests.helpers.wire_client import encode_request
 
 
 class Recorder:
