@@ -52,7 +52,9 @@ class IpamUnavailable(IpamError):
 
 @dataclass(frozen=True)
 class AttachmentOwner:
-    """Who asks for an address: the CNI attachment and, when the runtime said, its pod."""
+    """Who asks for (and holds) an address: the CNI attachment and, when the runtime said, its
+    pod. The daemon's records use this very type (`ipamd.model.Owner`): one owner, both sides.
+    The handle is (network, container ID, ifname), as host-local keys it."""
 
     network: str
     container_id: str
@@ -60,6 +62,14 @@ class AttachmentOwner:
     pod_namespace: str = ""
     pod_name: str = ""
     pod_uid: str = ""
+
+    @property
+    def handle(self) -> tuple[str, str, str]:
+        return (self.network, self.container_id, self.ifname)
+
+    @property
+    def pod(self) -> str:
+        return f"{self.pod_namespace}/{self.pod_name}" if self.pod_name else ""
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ import hashlib
 import ipaddress
 from dataclasses import dataclass
 
+from cni_plugin.ipam import AttachmentOwner
 from cni_plugin.iptypes import IPInterface
 from cni_plugin.naming import valid_container_id, valid_ifname, valid_network_name
 
@@ -36,25 +37,14 @@ def node_tag(node: str) -> str:
 class AttachmentRecord:
     node_tag: str
     interface: IPInterface
-    network: str
-    container_id: str
-    ifname: str
-    pod_namespace: str = ""
-    pod_name: str = ""
-    pod_uid: str = ""
+    owner: AttachmentOwner
 
 
 def encode(record: AttachmentRecord) -> str | None:
     """The alias for `record`; None when even its address and handle do not fit."""
-    core = [
-        MAGIC,
-        record.node_tag,
-        str(record.interface),
-        record.network,
-        record.container_id,
-        record.ifname,
-    ]
-    pod = [record.pod_namespace or "-", record.pod_name or "-", record.pod_uid or "-"]
+    o = record.owner
+    core = [MAGIC, record.node_tag, str(record.interface), o.network, o.container_id, o.ifname]
+    pod = [o.pod_namespace or "-", o.pod_name or "-", o.pod_uid or "-"]
     for fields in (core + pod, core):
         text = " ".join(fields)
         if len(text.encode()) <= ALIAS_MAX and all(f and " " not in f for f in fields):
@@ -81,4 +71,5 @@ def decode(alias: object) -> AttachmentRecord | None:
     ):
         return None
     namespace, name, uid = (("" if f == "-" else f) for f in (pod or ["-", "-", "-"]))
-    return AttachmentRecord(tag, interface, network, container_id, ifname, namespace, name, uid)
+    owner = AttachmentOwner(network, container_id, ifname, namespace, name, uid)
+    return AttachmentRecord(tag, interface, owner)

@@ -108,15 +108,18 @@ class MoorPlugin:
             )
         return req.netns_fd
 
-    def _allocate(self, req: Request, netns_inode: int, host_veth: str = "") -> AssignedAddress:
-        """The attachment's address; a second ADD of the same attachment is code 101."""
+    @staticmethod
+    def _owner(req: Request) -> AttachmentOwner:
         a = req.args
-        owner = AttachmentOwner(
+        return AttachmentOwner(
             req.conf.name, req.container_id, req.ifname, a.pod_namespace, a.pod_name, a.pod_uid
         )
+
+    def _allocate(self, req: Request, netns_inode: int, host_veth: str = "") -> AssignedAddress:
+        """The attachment's address; a second ADD of the same attachment is code 101."""
         assigned = self.ipam.allocate(
             AddressRequest(
-                owner,
+                self._owner(req),
                 netns=req.netns,
                 netns_inode=netns_inode,
                 host_veth=host_veth,
@@ -298,17 +301,7 @@ class MoorPlugin:
         """What the host veth tells a daemon whose store lost this allocation."""
         if alloc is None:
             return ""
-        a = req.args
-        record = AttachmentRecord(
-            self.node_tag,
-            alloc.interface,
-            req.conf.name,
-            req.container_id,
-            req.ifname,
-            a.pod_namespace,
-            a.pod_name,
-            a.pod_uid,
-        )
+        record = AttachmentRecord(self.node_tag, alloc.interface, self._owner(req))
         return kernel_record.encode(record) or ""
 
     def _ipam_add(self, req: Request) -> Result:

@@ -19,7 +19,7 @@ from cni_plugin.ipam import (
     RequestedAddressUnavailable,
 )
 from ipamd.errors import NetworkExhausted, NoLease, RequestedIPUnavailable
-from ipamd.model import Allocation, IPNetwork, Owner
+from ipamd.model import Allocation, IPNetwork
 from ipamd.store.base import StoreUnavailable
 
 if TYPE_CHECKING:
@@ -55,10 +55,9 @@ class NodeIpamPort:
         return self.ipam.network
 
     def allocate(self, request: AddressRequest) -> AssignedAddress:
-        o = request.owner
         with port_errors():
             alloc, existed = self.ipam.allocate(
-                Owner(o.network, o.container_id, o.ifname, o.pod_namespace, o.pod_name, o.pod_uid),
+                request.owner,
                 netns=request.netns,
                 netns_inode=request.netns_inode,
                 host_veth=request.host_veth,

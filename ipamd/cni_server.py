@@ -38,6 +38,7 @@ from collections import OrderedDict
 from cni_plugin.errors import INVALID_NETWORK_CONFIG, TRY_AGAIN_LATER
 from cni_plugin.wire import MAX_REQUEST
 from ipamd.cni_dispatch import Dispatcher, Handler, Pending, config_version
+from ipamd.local_socket import listen_root_only, peer_uid
 
 log = logging.getLogger(__name__)
 READ_LIMIT = 2.0  # seconds, capped by the request deadline
@@ -47,11 +48,6 @@ CHUNK = 65536
 READS_PER_EVENT = 16  # then let other connections have a turn
 ANCILLARY = socket.CMSG_SPACE(4 * struct.calcsize("i"))
 _LISTENER, _WAKE = object(), object()
-
-
-def peer_uid(sock: socket.socket) -> int:
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return struct.unpack("3i", creds)[1]
 
 
 class _Conn:
@@ -89,17 +85,7 @@ class CniEndpoint:
     def start(self) -> None:
         # Each connection may hold a socket and a netns fd; the gRPC relay and the rest get 4096.
         _ensure_fd_room(4096 + 2 * (READING_LIMIT + self.dispatch.queue_limit))
-        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
-        if os.path.exists(self.path):
-            os.unlink(self.path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o077)
-        try:
-            sock.bind(self.path)
-        finally:
-            os.umask(old)
-        sock.listen(512)
-        sock.setblocking(False)
+        sock = listen_root_only(self.path, 512)
         self.sock = sock
         self._sel.register(sock, selectors.EVENT_READ, _LISTENER)
         self._sel.register(self._wake_r, selectors.EVENT_READ, _WAKE)

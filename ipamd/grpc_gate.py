@@ -32,7 +32,7 @@ from typing import Any, NoReturn
 
 import grpc
 
-from ipamd.cni_server import peer_uid
+from ipamd.local_socket import listen_root_only, peer_uid
 
 log = logging.getLogger(__name__)
 MAX_CONNECTIONS = 256  # relayed pairs; past it the oldest non-root one goes, else the new one
@@ -104,16 +104,7 @@ class GrpcGate:
         self._deny.add_generic_rpc_handlers((_DenyAll(),))
         self._deny.add_insecure_port(f"unix:{self.deny_path}")
         self._deny.start()
-        if os.path.lexists(self.public_path):
-            os.unlink(self.public_path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o077)  # 0600: root only
-        try:
-            sock.bind(self.public_path)
-        finally:
-            os.umask(old)
-        sock.listen(128)
-        sock.setblocking(False)
+        sock = listen_root_only(self.public_path, 128)
         self.sock = sock
         self._sel.register(sock, selectors.EVENT_READ, _LISTENER)
         self._sel.register(self._wake_r, selectors.EVENT_READ, _WAKE)

@@ -16,27 +16,11 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from cni_plugin.ipam import AttachmentOwner
 from cni_plugin.iptypes import IPAddress, IPInterface, IPNetwork
 
-
-@dataclass(frozen=True)
-class Owner:
-    """Who holds an IP. The handle is (network, container_id, ifname), as host-local keys it."""
-
-    network: str
-    container_id: str
-    ifname: str
-    pod_namespace: str = ""
-    pod_name: str = ""
-    pod_uid: str = ""
-
-    @property
-    def handle(self) -> tuple[str, str, str]:
-        return (self.network, self.container_id, self.ifname)
-
-    @property
-    def pod(self) -> str:
-        return f"{self.pod_namespace}/{self.pod_name}" if self.pod_name else ""
+# Who holds an IP: the CNI layer's port declares the type, the records use it as it is.
+Owner = AttachmentOwner
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from cni_plugin.kernel_record import AttachmentRecord
 from ipamd.allocator import NodeAllocator
 from ipamd.leases import SubnetLeaseManager
 from ipamd.liveness import IncompleteView, attachment_gone
-from ipamd.model import Allocation, NetworkConfig, Owner
+from ipamd.model import Allocation, NetworkConfig
 from ipamd.release import TXN_RETRIES
 from ipamd.store.base import Compare, Put, Store, StoreError
 from ipamd.store.keys import Keys
@@ -190,19 +190,15 @@ class Reasserter:
         known = {a.owner.handle for a in self.allocator.allocations()}
         out = []
         for host_veth, rec in sorted(self.kernel_records().items()):
-            owner = Owner(
-                rec.network,
-                rec.container_id,
-                rec.ifname,
-                rec.pod_namespace,
-                rec.pod_name,
-                rec.pod_uid,
-            )
-            if owner.handle not in known:
-                subnet = rec.interface.network
+            if rec.owner.handle not in known:
                 out.append(
                     Allocation(
-                        rec.interface.ip, subnet, owner, self.node, self.clock(), "", 0, host_veth
+                        rec.interface.ip,
+                        rec.interface.network,
+                        rec.owner,
+                        self.node,
+                        self.clock(),
+                        host_veth=host_veth,
                     )
                 )
         return out

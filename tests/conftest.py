@@ -82,6 +82,17 @@ def etcd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[etcd.EtcdS
 
 
 @pytest.fixture
+def etcd_alone(tmp_path: Path) -> Iterator[etcd.EtcdServer]:
+    """An etcd of the test's own, for tests that stop, wipe or restore it."""
+    ok, why = etcd.available()
+    require(ok, why)
+    server = etcd.EtcdServer(tmp_path / "etcd")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
 def netns() -> Iterator[Callable[[], tuple[str, str]]]:
     """Factory of fresh netns `mte-N`; returns (name, path). All are deleted after the test."""
     made: list[str] = []

@@ -21,7 +21,7 @@ import pytest
 from cni_plugin.datapath.veth import host_veth_name
 from tests.conftest import start_daemon
 from tests.helpers import oracle
-from tests.helpers.moor import REPO, Daemon, ExecRuntime, plugin_config
+from tests.helpers.moor import REPO, Daemon, ExecRuntime, add_as_nobody, plugin_config
 from tests.helpers.wire_client import encode_request
 
 pytestmark = pytest.mark.netns
@@ -266,22 +266,9 @@ def test_only_root_may_use_the_sockets(node: Daemon, netns: NetnsFactory) -> Non
         assert os.stat(sock).st_mode & 0o077 == 0
     assert os.stat(os.path.dirname(node.cni_socket)).st_mode & 0o077 == 0
     _, path = netns()
-    proc = subprocess.run(
-        [str(REPO / "bin" / "moor")],
-        input=json.dumps(conf(node)).encode(),
-        env={
-            "CNI_COMMAND": "ADD",
-            "CNI_CONTAINERID": "nobody1",
-            "CNI_NETNS": path,
-            "CNI_IFNAME": "eth0",
-        },
-        capture_output=True,
-        timeout=10,
-        user=65534,
-        group=65534,
-    )
-    out = json.loads(proc.stdout)
-    assert proc.returncode == 1 and out["code"] == 11 and "EACCES" in out["msg"]
+    refused = add_as_nobody(conf(node), path, "nobody1")
+    out = refused.out
+    assert refused.rc == 1 and out["code"] == 11 and "EACCES" in out["msg"]
     assert all(a["containerID"] != "nobody1" for a in node.status()["allocations"])
 
 

@@ -32,9 +32,9 @@ from tests.conftest import start_daemon
 from tests.helpers import oracle
 from tests.helpers.moor import (
     REPO,
-    SHIM,
     Daemon,
     ExecRuntime,
+    add_as_nobody,
     delete_netns,
     make_netns,
     plugin_config,
@@ -362,22 +362,9 @@ def test_the_uid_is_checked_even_with_loosened_file_modes(
     try:
         for p in paths:
             os.chmod(p, 0o777)
-        proc = subprocess.run(
-            [str(SHIM)],
-            input=json.dumps(conf(node)).encode(),
-            env={
-                "CNI_COMMAND": "ADD",
-                "CNI_CONTAINERID": "nobody2",
-                "CNI_NETNS": path,
-                "CNI_IFNAME": "eth0",
-            },
-            capture_output=True,
-            timeout=10,
-            user=65534,
-            group=65534,
-        )
-        err = json.loads(proc.stdout)
-        assert proc.returncode == 1 and err["code"] == 11, err
+        refused = add_as_nobody(conf(node), path, "nobody2")
+        err = refused.out
+        assert refused.rc == 1 and err["code"] == 11, err
         assert "only root may use the moor CNI endpoint" in err["msg"], err
         ctl = subprocess.run(
             [sys.executable, "-m", "ipamd.cli", "--socket", node.grpc_socket, "status"],

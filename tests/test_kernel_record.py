@@ -10,10 +10,20 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cni_plugin import kernel_record
+from cni_plugin.ipam import AttachmentOwner
 from cni_plugin.kernel_record import ALIAS_MAX, AttachmentRecord
 
 NAME = st.from_regex(r"[a-zA-Z0-9][a-zA-Z0-9_.\-]{0,40}", fullmatch=True)
 POD = st.one_of(st.just(""), st.from_regex(r"[a-z0-9]([-a-z0-9]{0,60}[a-z0-9])?", fullmatch=True))
+OWNERS = st.builds(
+    AttachmentOwner,
+    network=NAME,
+    container_id=st.one_of(NAME, st.from_regex(r"[0-9a-f]{64}", fullmatch=True)),
+    ifname=st.from_regex(r"[a-z][a-z0-9]{0,14}", fullmatch=True),
+    pod_namespace=POD,
+    pod_name=POD,
+    pod_uid=st.one_of(st.just(""), st.uuids().map(str)),
+)
 RECORDS = st.builds(
     AttachmentRecord,
     node_tag=st.text("0123456789abcdef", min_size=8, max_size=8),
@@ -22,12 +32,7 @@ RECORDS = st.builds(
         st.integers(0, 2**32 - 1),
         st.integers(8, 30),
     ),
-    network=NAME,
-    container_id=st.one_of(NAME, st.from_regex(r"[0-9a-f]{64}", fullmatch=True)),
-    ifname=st.from_regex(r"[a-z][a-z0-9]{0,14}", fullmatch=True),
-    pod_namespace=POD,
-    pod_name=POD,
-    pod_uid=st.one_of(st.just(""), st.uuids().map(str)),
+    owner=OWNERS,
 )
 
 
@@ -37,25 +42,25 @@ def test_a_record_reads_back_and_fits_the_alias(record: AttachmentRecord) -> Non
     assert alias is not None and len(alias.encode()) <= ALIAS_MAX
     back = kernel_record.decode(alias)
     assert back is not None
-    assert (back.node_tag, back.interface, back.network, back.container_id, back.ifname) == (
+    assert (back.node_tag, back.interface, back.owner.handle) == (
         record.node_tag,
         record.interface,
-        record.network,
-        record.container_id,
-        record.ifname,
+        record.owner.handle,
     )
-    if back.pod_name or back.pod_namespace or back.pod_uid:  # kept whenever they fit
+    if back.owner.pod_name or back.owner.pod_namespace or back.owner.pod_uid:  # kept if they fit
         assert back == record
 
 
 def test_pod_fields_go_first_when_the_whole_does_not_fit() -> None:
     tag = kernel_record.node_tag("node-1")
     ip = ipaddress.ip_interface("10.244.3.7/24")
-    record = AttachmentRecord(tag, ip, "n" * 100, "c" * 64, "eth0", "ns", "p" * 120, "u")
-    alias = kernel_record.encode(record)
+    owner = AttachmentOwner("n" * 100, "c" * 64, "eth0", "ns", "p" * 120, "u")
+    alias = kernel_record.encode(AttachmentRecord(tag, ip, owner))
     assert alias == f"moor1 {tag} 10.244.3.7/24 {'n' * 100} {'c' * 64} eth0"
-    assert kernel_record.decode(alias) == AttachmentRecord(tag, ip, "n" * 100, "c" * 64, "eth0")
-    assert kernel_record.encode(AttachmentRecord(tag, ip, "n" * 300, "c", "eth0")) is None
+    bare = AttachmentOwner("n" * 100, "c" * 64, "eth0")
+    assert kernel_record.decode(alias) == AttachmentRecord(tag, ip, bare)
+    too_long = AttachmentOwner("n" * 300, "c", "eth0")
+    assert kernel_record.encode(AttachmentRecord(tag, ip, too_long)) is None
 
 
 @given(st.one_of(st.text(), st.binary(), st.none(), st.integers()))

@@ -18,7 +18,7 @@ import pytest
 from cni_plugin.datapath.veth import host_veth_name
 from ipamd.store.keys import Keys
 from ipamd.store.open import open_store
-from tests.conftest import require, start_daemon
+from tests.conftest import start_daemon
 from tests.helpers import etcd, oracle
 from tests.helpers.moor import Daemon, ExecRuntime, plugin_config
 
@@ -28,17 +28,6 @@ NetnsFactory = Callable[[], tuple[str, str]]
 DEADLINE = 3.0
 GRACE = 4.0
 PREFIX = "/mot"
-
-
-@pytest.fixture
-def etcd_alone(tmp_path: Path) -> Iterator[etcd.EtcdServer]:
-    """An etcd of this test's own, since the test stops it."""
-    ok, why = etcd.available()
-    require(ok, why)
-    server = etcd.EtcdServer(tmp_path / "etcd")
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

@@ -24,26 +24,13 @@ from pathlib import Path
 import pytest
 
 from cni_plugin.datapath.veth import host_veth_name
-from ipamd.store.keys import Keys
-from tests.conftest import _run_id, require, start_daemon
+from tests.conftest import _run_id, start_daemon
 from tests.helpers import etcd, oracle
 from tests.helpers.moor import Daemon, ExecRuntime, delete_netns, make_netns, plugin_config
 
 pytestmark = pytest.mark.netns
 NETWORK = "10.221.0.0/16"
 PREFIX = "/msl"
-KEYS = Keys(PREFIX)
-
-
-@pytest.fixture
-def etcd_alone(tmp_path: Path) -> Iterator[etcd.EtcdServer]:
-    """An etcd of this test's own: the test wipes and restores it."""
-    ok, why = etcd.available()
-    require(ok, why)
-    server = etcd.EtcdServer(tmp_path / "etcd")
-    server.start()
-    yield server
-    server.stop()
 
 
 class Cluster:

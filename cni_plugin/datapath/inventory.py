@@ -63,31 +63,38 @@ class HostVethState:
     hairpin: bool
 
 
-def lookup_bridge(name: str) -> LinkInfo | None:
-    """The bridge called `name` in the host netns, or None if absent or not a bridge."""
+def _host_link(name: str) -> Any | None:
+    """The host link called `name` (one RTM_GETLINK), or None when there is none."""
     try:
         with translate_errors(f"get link {name!r}"):
-            msg = host_rtnl().get_link(name)
+            return host_rtnl().get_link(name)
     except LinkNotFound:
         return None
-    return link_info(msg) if link_kind(msg) == "bridge" else None
+
+
+def lookup_bridge(name: str) -> LinkInfo | None:
+    """The bridge called `name` in the host netns, or None if absent or not a bridge."""
+    msg = _host_link(name)
+    return link_info(msg) if msg is not None and link_kind(msg) == "bridge" else None
+
+
+def _host_links() -> list[Any]:
+    with translate_errors("dump host links"):
+        return dump_retry(lambda: host_ipr().link("dump"))
 
 
 def host_link_aliases() -> dict[str, str]:
     """Every host link that carries an alias: name -> alias (one dump)."""
-    with translate_errors("dump host links"):
-        links = dump_retry(lambda: host_ipr().link("dump"))
     return {
         str(m.get("IFLA_IFNAME")): str(alias)
-        for m in links
+        for m in _host_links()
         if (alias := m.get("IFLA_IFALIAS")) is not None
     }
 
 
 def host_link_names() -> set[str]:
     """Names of every link in the host netns (one dump)."""
-    with translate_errors("dump host links"):
-        return {str(m.get("IFLA_IFNAME")) for m in dump_retry(lambda: host_ipr().link("dump"))}
+    return {str(m.get("IFLA_IFNAME")) for m in _host_links()}
 
 
 def _decoded(replies: list[bytes], kind: type[Any]) -> list[Any]:
@@ -151,10 +158,8 @@ def inspect_pod_interface(netns_fd: int, ifname: str) -> PodInterfaceState | Non
 
 def inspect_host_veth(host_name: str) -> HostVethState | None:
     """State of the host end in one RTM_GETLINK, or None when it does not exist."""
-    try:
-        with translate_errors(f"get link {host_name!r}"):
-            msg = host_rtnl().get_link(host_name)
-    except LinkNotFound:
+    msg = _host_link(host_name)
+    if msg is None:
         return None
     hairpin = False
     linkinfo = msg.get("IFLA_LINKINFO")

@@ -222,6 +222,26 @@ class Daemon:
         return json.loads(proc.stdout)
 
 
+def add_as_nobody(conf: dict[str, Any], netns: str, container_id: str) -> Outcome:
+    """An ADD through bin/moor run as uid/gid 65534: what a non-root caller gets."""
+    proc = subprocess.run(
+        [str(SHIM)],
+        input=json.dumps(conf).encode(),
+        env={
+            "CNI_COMMAND": "ADD",
+            "CNI_CONTAINERID": container_id,
+            "CNI_NETNS": netns,
+            "CNI_IFNAME": "eth0",
+        },
+        capture_output=True,
+        timeout=10,
+        user=65534,
+        group=65534,
+    )
+    out = json.loads(proc.stdout) if proc.stdout.strip() else {}
+    return Outcome(proc.returncode, out, proc.stderr.decode(errors="replace"))
+
+
 def plugin_config(name: str, version: str, plugin: dict[str, Any]) -> dict[str, Any]:
     """The per-plugin stdin a runtime derives from a one-plugin list (name and version injected)."""
     return {"cniVersion": version, "name": name, **plugin}
