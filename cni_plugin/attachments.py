@@ -13,8 +13,7 @@ so the table does not grow with the number of pods ever seen.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from types import TracebackType
 
 from cni_plugin.errors import TRY_AGAIN_LATER, CNIError
 
@@ -69,15 +68,28 @@ class AttachmentLocks:
             if entry.users == 0:
                 del self._entries[key]
 
-    @contextmanager
-    def hold(self, key: Key, timeout: float) -> Iterator[None]:
-        self.acquire(key, timeout)
-        try:
-            yield
-        finally:
-            self.release(key)
+    def hold(self, key: Key, timeout: float) -> _Held:
+        """`with locks.hold(key, timeout):` the attachment's lock for the block."""
+        return _Held(self, key, timeout)
 
     def busy(self) -> int:
         """How many attachments are held or waited for (tests and shutdown)."""
         with self._table_lock:
             return len(self._entries)
+
+
+class _Held:
+    """The context manager of `hold` (a plain object: it is on every verb's path)."""
+
+    __slots__ = ("locks", "key", "timeout")
+
+    def __init__(self, locks: AttachmentLocks, key: Key, timeout: float) -> None:
+        self.locks, self.key, self.timeout = locks, key, timeout
+
+    def __enter__(self) -> None:
+        self.locks.acquire(self.key, self.timeout)
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.locks.release(self.key)

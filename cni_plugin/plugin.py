@@ -16,14 +16,14 @@ import errno
 import ipaddress
 import logging
 import os
-import threading
 from collections.abc import Callable
 from contextlib import ExitStack
 
 from cni_plugin import deadline, kernel_record
 from cni_plugin.attachments import AttachmentLocks, Key
+from cni_plugin.check import check_datapath
 from cni_plugin.datapath import bridge as br
-from cni_plugin.datapath import inventory, veth
+from cni_plugin.datapath import veth
 from cni_plugin.datapath.errors import LinkExists, LinkNotFound, NetnsError, PodInterfaceExists
 from cni_plugin.datapath.masq import MasqueradeRules
 from cni_plugin.datapath.netns import netns_inode
@@ -41,6 +41,7 @@ from cni_plugin.errors import (
 from cni_plugin.ipam import AddressRequest, AssignedAddress, AttachmentOwner, IpamPort
 from cni_plugin.kernel_record import AttachmentRecord
 from cni_plugin.netconf import NetConf, ci_get
+from cni_plugin.node_datapath import NodeDatapath
 from cni_plugin.reaper import HostVethReaper
 from cni_plugin.result import Interface, IPConfig, Result, Route
 from cni_plugin.skel import Request
@@ -71,17 +72,13 @@ class MoorPlugin:
         fault_hook: FaultHook | None = None,
     ) -> None:
         self.ipam = ipam
-        self.masq = masq
+        self.host = NodeDatapath(masq)  # bridges, gateways and masquerade, cached
         self.own_netns_inode = own_netns_inode
         self.node_tag = kernel_record.node_tag(node)  # in the host veth's alias: whose pod
         self.locks = locks or AttachmentLocks()
         self.reaper = reaper or HostVethReaper()
         self.lock_wait = lock_wait
         self.fault_hook = fault_hook
-        self._bridges: dict[tuple[str, int, bool], br.LinkInfo] = {}
-        self._gateways_done: set[tuple[str, int, str]] = set()
-        self._masq_ok = False
-        self._lock = threading.Lock()
 
     # ---- helpers ---------------------------------------------------------------------------
     def _fault(self, point: str, req: Request) -> None:
@@ -167,60 +164,9 @@ class MoorPlugin:
             routes = [Route(DEFAULT_V4, alloc.gateway)]
         return routes
 
-    def _ensure_bridge(
-        self, conf: NetConf, alloc: AssignedAddress | None, *, fresh: bool = False
-    ) -> br.LinkInfo:
-        """The bridge (and the allocation's gateway on it), from cache on the hot path.
-
-        The cache saves a netlink request per ADD; `maintain()` re-verifies it every few seconds,
-        and an ADD that finds the cached bridge gone re-ensures it (`fresh`).
-        """
-        key = (conf.bridge, conf.mtu, conf.promisc_mode)
-        bridge = None if fresh else self._bridges.get(key)
-        if bridge is None:
-            bridge = br.ensure_bridge(conf.bridge, mtu=conf.mtu, promisc=conf.promisc_mode)
-            with self._lock:
-                self._bridges[key] = bridge
-        if alloc is not None and conf.is_gateway:
-            gw = ipaddress.ip_interface(f"{alloc.gateway}/{alloc.interface.network.prefixlen}")
-            done = (conf.bridge, bridge.index, str(gw))
-            if fresh or done not in self._gateways_done:
-                br.ensure_bridge_address(conf.bridge, gw)
-                br.enable_ip_forward()
-                with self._lock:
-                    self._gateways_done.add(done)
-        return bridge
-
     def maintain(self) -> None:
-        """Re-verify what the hot path caches: bridges, their gateways, the masquerade rules.
-
-        A timer calls this, so someone deleting the bridge, its address or flushing nat is
-        repaired within seconds, not at the next daemon restart.
-        """
-        with self._lock:
-            bridges = dict(self._bridges)
-            gateways = set(self._gateways_done)
-        for (name, mtu, promisc), cached in bridges.items():
-            info = br.ensure_bridge(name, mtu=mtu, promisc=promisc)
-            if info != cached:
-                log.warning(
-                    "bridge %s was recreated outside moor (ifindex %d -> %d)",
-                    name,
-                    cached.index,
-                    info.index,
-                )
-                with self._lock:
-                    self._bridges[(name, mtu, promisc)] = info
-            for bridge_name, index, gw in gateways:
-                if bridge_name == name:
-                    br.ensure_bridge_address(name, ipaddress.ip_interface(gw))
-                    if index != info.index:
-                        with self._lock:
-                            self._gateways_done.discard((bridge_name, index, gw))
-                            self._gateways_done.add((bridge_name, info.index, gw))
-        if self._masq_ok and not self.masq.is_installed([self.ipam.network]):
-            log.warning("masquerade rules were changed outside moor; restoring them")
-            self.masq.ensure([self.ipam.network])
+        """Re-verify what the hot path caches (bridges, gateways, masquerade); the timer's."""
+        self.host.maintain()
 
     # ---- ADD -------------------------------------------------------------------------------
     def add(self, req: Request) -> Result:
@@ -238,13 +184,14 @@ class MoorPlugin:
             if conf.ipam is not None:
                 alloc = self._allocate(req, netns_inode(fd), host_name)
                 undo.callback(self._release_quietly, conf.name, req.container_id, req.ifname)
-            bridge = self._ensure_bridge(conf, alloc)
+            gateway = (alloc.gateway, alloc.interface) if alloc is not None else None
+            bridge = self.host.ensure_bridge(conf, gateway)
             self._fault("after-ipam", req)
             try:
                 try:
                     pair = self._create_veth(req, host_name, bridge, alloc)
                 except LinkNotFound:  # the cached bridge was deleted under us: re-ensure it once
-                    bridge = self._ensure_bridge(conf, alloc, fresh=True)
+                    bridge = self.host.ensure_bridge(conf, gateway, fresh=True)
                     pair = self._create_veth(req, host_name, bridge, alloc)
             except PodInterfaceExists as exc:
                 raise CNIError(
@@ -268,7 +215,7 @@ class MoorPlugin:
             else:
                 veth.configure_pod_interface(fd, req.ifname, [], [])
             if conf.ip_masq and alloc is not None:
-                self._ensure_masquerade()
+                self.host.ensure_masquerade(self.ipam.network)
             self._fault("before-result", req)
             deadline.check("ADD")  # an ADD that overran rolls back rather than commit
             undo.pop_all()
@@ -309,13 +256,6 @@ class MoorPlugin:
         return Result(
             ips=[IPConfig(alloc.interface, alloc.gateway)], routes=self._routes(req.conf, alloc)
         )
-
-    def _ensure_masquerade(self) -> None:
-        if self._masq_ok:
-            return
-        with self._lock:
-            self.masq.ensure([self.ipam.network])
-            self._masq_ok = True
 
     def _release_quietly(self, network: str, container_id: str, ifname: str) -> None:
         try:
@@ -368,40 +308,7 @@ class MoorPlugin:
                 raise CNIError(CHECK_FAILED, f"reserved {alloc.interface} is not in prevResult")
         if conf.mode == "ipam":
             return
-        fd = self._require_netns(req)
-        pod = inventory.inspect_pod_interface(fd, req.ifname)
-        if pod is None:
-            raise CNIError(CHECK_FAILED, f"interface {req.ifname} is missing in {req.netns}")
-        want = next((i for i in prev.interfaces if i.name == req.ifname and i.sandbox), None)
-        if want is None:
-            raise CNIError(CHECK_FAILED, f"prevResult has no interface {req.ifname} in a sandbox")
-        if pod.kind != "veth":
-            raise CNIError(CHECK_FAILED, f"{req.ifname} is a {pod.kind}, not a veth")
-        if want.mac and pod.mac.lower() != want.mac.lower():
-            raise CNIError(
-                CHECK_FAILED, f"{req.ifname} has MAC {pod.mac}, prevResult says {want.mac}"
-            )
-        index = prev.interfaces.index(want)
-        for ip in prev.ips:
-            if ip.interface == index and ip.address not in pod.addresses:
-                raise CNIError(CHECK_FAILED, f"{req.ifname} lacks address {ip.address}")
-        for route in prev.routes:
-            gw = route.gw or (alloc.gateway if alloc else None)
-            if not any(r.dst == route.dst and (gw is None or r.gw == gw) for r in pod.routes):
-                raise CNIError(
-                    CHECK_FAILED, f"route to {route.dst} via {gw} is missing in {req.netns}"
-                )
-        host_name = veth.host_veth_name(req.container_id, req.ifname)
-        host = inventory.inspect_host_veth(host_name)
-        if host is None:
-            raise CNIError(CHECK_FAILED, f"host veth {host_name} is missing")
-        bridge = inventory.lookup_bridge(conf.bridge)
-        if bridge is None:
-            raise CNIError(CHECK_FAILED, f"bridge {conf.bridge} is missing")
-        if host.master_index != bridge.index:
-            raise CNIError(CHECK_FAILED, f"host veth {host_name} is not attached to {conf.bridge}")
-        if host.peer_index != pod.index or pod.peer_index != host.index:
-            raise CNIError(CHECK_FAILED, f"host veth {host_name} is not the peer of {req.ifname}")
+        check_datapath(req, prev, self._require_netns(req), alloc.gateway if alloc else None)
 
     # ---- STATUS and GC ---------------------------------------------------------------------
     def status(self, req: Request) -> None:

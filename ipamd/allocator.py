@@ -65,7 +65,7 @@ class NodeAllocator:
     def load(self) -> None:
         """Rebuild the in-memory free sets and handle index from the store (at start, and when
         the store follower lost track); waits for allocations and releases in flight."""
-        with self._gate.exclusive():
+        with self._gate.exclusive:
             self._load()
 
     def _load(self) -> None:
@@ -145,7 +145,7 @@ class NodeAllocator:
         requested: IPAddress | None = None,
     ) -> tuple[Allocation, bool]:
         """Claim an IP for `owner`; returns (allocation, existed). Idempotent per handle."""
-        with self._gate.shared():
+        with self._gate.shared:
             return self._allocate(owner, netns, netns_inode, host_veth, requested)
 
     def _allocate(
@@ -282,7 +282,7 @@ class NodeAllocator:
     # ---- release ---------------------------------------------------------------------------
     def release(self, network: str, container_id: str, ifname: str) -> Allocation | None:
         """Free the IP held by this handle, comparing owner and revision; None if it held none."""
-        with self._gate.shared():
+        with self._gate.shared:
             return self._release((network, container_id, ifname))
 
     def _release(self, handle: tuple[str, str, str]) -> Allocation | None:

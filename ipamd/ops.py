@@ -14,27 +14,23 @@ import ipaddress
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import suppress
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ipamd.allocator import NodeAllocator
 from ipamd.errors import ConfigMismatch, Conflict, NotFound, Refused
-from ipamd.model import Allocation, IPAddress, IPNetwork, NetworkConfig, SubnetLease
-from ipamd.release import TXN_RETRIES, free_ip_ops, release_handle
+from ipamd.model import Allocation, IPAddress, NetworkConfig, SubnetLease
+from ipamd.node_removal import NodeRemoval, remove_node
+from ipamd.records import SubnetIndex, ip_records, records
+from ipamd.release import free_ip_ops, release_handle
 from ipamd.store.base import Compare, Delete, KeyValue, Store
-from ipamd.store.keys import Keys, covering_prefixes
+from ipamd.store.keys import Keys
 
 log = logging.getLogger(__name__)
 
-# etcd refuses a txn with more than 128 compares or ops (--max-txn-ops); stay well below.
-MAX_TXN_KEYS = 100
 NO_NETWORK = "no network config in the store: run `moorctl network init`"
 
 Handle = tuple[str, str, str]
-Group = list[
-    tuple[str, int]
-]  # keys deleted together, each with the mod revision it must still have
 
 
 @dataclass(frozen=True)
@@ -66,30 +62,6 @@ class Utilization:
     subnets_leased: int
     subnets_free: int  # leaseable (min/max, fixed ranges honoured) and not leased
     addresses_allocated: int
-
-
-@dataclass(frozen=True)
-class NodeRemoval:
-    node: str
-    subnets: list[IPNetwork]
-    ips_freed: int
-    released_cleared: int
-
-
-class SubnetIndex:
-    """Which of a set of subnets holds an address, in O(distinct prefix lengths)."""
-
-    def __init__(self, subnets: Iterable[IPNetwork]) -> None:
-        self.by_start = {(s.prefixlen, int(s.network_address)): s for s in subnets}
-        self.lengths = sorted({plen for plen, _ in self.by_start})
-
-    def find(self, ip: IPAddress) -> IPNetwork | None:
-        value, bits = int(ip), ip.max_prefixlen
-        for plen in self.lengths:
-            subnet = self.by_start.get((plen, value >> (bits - plen) << (bits - plen)))
-            if subnet is not None and subnet.version == ip.version:
-                return subnet
-        return None
 
 
 class ClusterOps:
@@ -153,28 +125,6 @@ class ClusterOps:
                 out.append(lease)
         return sorted(out, key=_subnet_order)
 
-    def _records(self, kind: str, subnets: list[IPNetwork] | None) -> Iterator[KeyValue]:
-        """IP (`kind` "ips") or cooldown ("released") records: all, or just the key ranges of
-        `subnets` (a /24's records share the text `10.244.3.`), which the caller still filters by
-        membership. This is what keeps `moorctl ips --node` fast on a store of 200k records."""
-        if kind == "ips":
-            root, prefix_for = self.keys.ips_prefix(), self.keys.ips_prefix_for
-        else:
-            root, prefix_for = self.keys.released_prefix(), self.keys.released_prefix_for
-        if subnets is None:
-            yield from self.store.list_prefix(root)[0]
-            return
-        for prefix in covering_prefixes(prefix_for(s) for s in subnets):
-            yield from self.store.list_prefix(prefix)[0]
-
-    def _ip_records(self, subnets: list[IPNetwork] | None) -> Iterator[tuple[IPAddress, KeyValue]]:
-        """Every IP record, or those inside `subnets` only."""
-        index = SubnetIndex(subnets or [])
-        for kv in self._records("ips", subnets):
-            ip = self.keys.parse_ip(kv.key)
-            if ip is not None and (subnets is None or index.find(ip) is not None):
-                yield ip, kv
-
     def allocations(
         self, *, node: str = "", namespace: str = "", pod: str = ""
     ) -> list[Allocation]:
@@ -183,7 +133,7 @@ class ClusterOps:
         if subnets == []:
             return []
         out = []
-        for ip, kv in self._ip_records(subnets):
+        for ip, kv in ip_records(self.store, self.keys, subnets):
             alloc = Allocation.from_json(ip, kv.value)
             owner = alloc.owner
             if namespace and owner.pod_namespace != namespace:
@@ -218,7 +168,7 @@ class ClusterOps:
         index = SubnetIndex(subnets)
         allocated = {s: 0 for s in subnets}
         total = 0
-        for kv in self._records("ips", scope):
+        for kv in records(self.store, self.keys, "ips", scope):
             ip = self.keys.parse_ip(kv.key)
             if ip is None:
                 continue
@@ -228,7 +178,7 @@ class ClusterOps:
                 allocated[subnet] += 1
         cooling = {s: 0 for s in subnets}
         now = self.clock()
-        for kv in self._records("released", scope):
+        for kv in records(self.store, self.keys, "released", scope):
             ip = self.keys.parse_released(kv.key)
             subnet = index.find(ip) if ip is not None else None
             if subnet is not None and now - _released_at(kv) < self.cooldown:
@@ -313,119 +263,14 @@ class ClusterOps:
 
     # ---- node removal ------------------------------------------------------------------------
     def remove_node(self, node: str) -> NodeRemoval:
-        """Free a gone node's subnet leases, its IP records (with handles) and cooldown records.
-
-        A removal record first (`Keys.removal`), then records, subnet keys last, so no other
-        node can lease a subnet that still has records being deleted. Every batch compares each
-        key's mod revision. A daemon of that node that is still alive sees its subnets deleted
-        with the removal record present, so it knows an admin removed them (it stops using them;
-        without the record it would take them for lost and claim them back). The record goes
-        when that node's daemon starts afresh.
-        """
+        """Free a gone node's subnet leases, records and cooldown records (`node_removal.py`);
+        the serving daemon's own node is refused."""
         if node == self.node:
             raise Refused(
                 f"node {node} is the node this moor-ipamd runs as; stop it and remove it "
                 "through another node's daemon"
             )
-        subnet_kvs = self._subnet_kvs(node)
-        if not subnet_kvs:
-            raise NotFound(f"node {node} holds no subnet lease")
-        subnets = sorted(subnet_kvs, key=lambda s: int(s.network_address))
-        # First the removal record: a live daemon of `node` that sees its subnets vanish then
-        # knows they were removed on purpose, not lost by the store (which it would claim back).
-        record = {"at": self.clock(), "by": self.node, "subnets": [str(s) for s in subnets]}
-        self.store.put(self.keys.removal(node), json.dumps(record).encode())
-        ips = self._delete_in_batches(self._ip_groups(subnets), self._rebuild_ip_group)
-        released = self._delete_in_batches(
-            [[(kv.key, kv.mod_revision)] for kv in self._released_kvs(subnets)],
-            self._rebuild_single,
-        )
-        self._delete_in_batches(
-            [[(kv.key, kv.mod_revision)] for kv in subnet_kvs.values()],
-            lambda g: self._rebuild_subnet(g, node),
-        )
-        log.warning("removed node %s: subnets %s, %d IPs freed", node, subnets, ips)
-        return NodeRemoval(node, subnets, ips, released)
-
-    def _subnet_kvs(self, node: str) -> dict[IPNetwork, KeyValue]:
-        out = {}
-        for kv in self.store.list_prefix(self.keys.subnets_prefix())[0]:
-            subnet = self.keys.parse_subnet(kv.key)
-            if subnet is not None and SubnetLease.from_json(subnet, kv.value).node == node:
-                out[subnet] = kv
-        return out
-
-    def _ip_group(self, ip: IPAddress, kv: KeyValue) -> Group:
-        """An IP record and, if it points back at the IP, its handle."""
-        group = [(kv.key, kv.mod_revision)]
-        owner = Allocation.from_json(ip, kv.value).owner
-        with suppress(ValueError):
-            handle_key = self.keys.handle(*owner.handle)
-            hkv = self.store.get(handle_key)
-            if hkv is not None and hkv.value.decode(errors="replace") == str(ip):
-                group.append((handle_key, hkv.mod_revision))
-        return group
-
-    def _ip_groups(self, subnets: list[IPNetwork]) -> list[Group]:
-        groups, seen = [], set()
-        for ip, kv in self._ip_records(subnets):
-            group = [(k, r) for k, r in self._ip_group(ip, kv) if k not in seen]
-            seen.update(k for k, _ in group)
-            groups.append(group)
-        return groups
-
-    def _rebuild_ip_group(self, group: Group) -> Group | None:
-        kv = self.store.get(group[0][0])
-        ip = self.keys.parse_ip(group[0][0])
-        return self._ip_group(ip, kv) if kv is not None and ip is not None else None
-
-    def _released_kvs(self, subnets: list[IPNetwork]) -> list[KeyValue]:
-        index = SubnetIndex(subnets)
-        out = []
-        for kv in self._records("released", subnets):
-            ip = self.keys.parse_released(kv.key)
-            if ip is not None and index.find(ip) is not None:
-                out.append(kv)
-        return out
-
-    def _rebuild_single(self, group: Group) -> Group | None:
-        kv = self.store.get(group[0][0])
-        return [(kv.key, kv.mod_revision)] if kv is not None else None
-
-    def _rebuild_subnet(self, group: Group, node: str) -> Group | None:
-        kv = self.store.get(group[0][0])
-        subnet = self.keys.parse_subnet(group[0][0])
-        if kv is None or subnet is None or SubnetLease.from_json(subnet, kv.value).node != node:
-            return None  # gone, or re-leased by another node meanwhile: not ours to delete
-        return [(kv.key, kv.mod_revision)]
-
-    def _delete_in_batches(
-        self, groups: list[Group], rebuild: Callable[[Group], Group | None]
-    ) -> int:
-        """Delete every group, in txns of at most MAX_TXN_KEYS keys, each guarded on the mod
-        revisions; a batch that conflicts is re-read (`rebuild`; None drops a group) and retried.
-        Returns how many groups were deleted."""
-        deleted = 0
-        start = 0
-        while start < len(groups):
-            batch, size = [], 0
-            while start < len(groups) and (not batch or size + len(groups[start]) <= MAX_TXN_KEYS):
-                batch.append(groups[start])
-                size += len(groups[start])
-                start += 1
-            deleted += self._delete_batch(batch, rebuild)
-        return deleted
-
-    def _delete_batch(self, batch: list[Group], rebuild: Callable[[Group], Group | None]) -> int:
-        for _ in range(TXN_RETRIES):
-            if not batch:
-                return 0
-            keys = [(k, r) for group in batch for k, r in group]
-            result = self.store.txn([Compare(k, r) for k, r in keys], [Delete(k) for k, _ in keys])
-            if result.succeeded:
-                return len(batch)
-            batch = [g for g in (rebuild(group) for group in batch) if g is not None]
-        raise Conflict(f"the store kept changing under a batch of {len(batch)} deletions; retry")
+        return remove_node(self.store, self.keys, node, by=self.node, clock=self.clock)
 
 
 # ---- helpers ---------------------------------------------------------------------------------

@@ -25,7 +25,8 @@ from ipamd.allocator import NodeAllocator
 from ipamd.errors import ConfigMismatch, Conflict, NetworkExhausted, NotFound, Refused
 from ipamd.leases import SubnetLeaseManager
 from ipamd.model import NetworkConfig, Owner
-from ipamd.ops import MAX_TXN_KEYS, ClusterOps
+from ipamd.node_removal import MAX_TXN_KEYS
+from ipamd.ops import ClusterOps
 from ipamd.store.base import Put, Store
 from ipamd.store.keys import Keys, covering_prefixes
 from ipamd.store.open import open_store
