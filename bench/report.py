@@ -60,7 +60,7 @@ def rows(fig: Figures) -> list[Row]:
     """The table; times in ms. Burst walls are the median over the rounds."""
     m, r = fig.plugins["moor"], fig.plugins["reference"]
     out: list[Row] = []
-    targets = {("ADD", "p50"): 0.8, ("DEL", "p50"): 0.5}
+    targets = {("ADD", "p50"): 0.8, ("DEL", "p50"): 0.3}  # DEL: issue 12 §6
     for command in ("ADD", "CHECK", "DEL"):
         for name, stat in (("p50", p50), ("p90", p90)):
             out.append(

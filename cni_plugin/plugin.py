@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 DEFAULT_V4 = ipaddress.ip_network("0.0.0.0/0")
 # At most this long, and never past the request's deadline, a verb waits for its attachment.
 LOCK_WAIT = 5.0
+REAP_WAIT = 1.0  # an ADD that meets a pod interface waits this long for DELs still deleting
 # Test-only fault injection (the reference bridge has debugPostIPAMError for the same reason).
 FaultHook = Callable[[str, Request], None]
 
@@ -192,6 +193,14 @@ class MoorPlugin:
                     pair = self._create_veth(req, host_name, bridge, alloc)
                 except LinkNotFound:  # the cached bridge was deleted under us: re-ensure it once
                     bridge = self.host.ensure_bridge(conf, gateway, fresh=True)
+                    pair = self._create_veth(req, host_name, bridge, alloc)
+                except PodInterfaceExists:
+                    # Maybe the pod end of a DEL still going in the background (the same netns
+                    # reused for another container ID): wait for those deletions, then once more.
+                    if not self.reaper.busy() or not self.reaper.drain(
+                        min(REAP_WAIT, deadline.remaining())
+                    ):
+                        raise
                     pair = self._create_veth(req, host_name, bridge, alloc)
             except PodInterfaceExists as exc:
                 raise CNIError(

@@ -50,6 +50,11 @@ class HostVethReaper:
                     self._pending -= 1
                     self._idle.notify_all()
 
+    def busy(self) -> bool:
+        """Deletions are queued or running."""
+        with self._idle:
+            return self._pending > 0
+
     def drain(self, timeout: float) -> bool:
         """Wait until every submitted deletion is done (shutdown, tests); False on timeout."""
         with self._idle:

@@ -82,3 +82,18 @@ def test_add_right_after_del_of_the_same_attachment_waits_for_its_veth(
         assert time.monotonic() < deadline, "the host veth outlived the DEL"
         time.sleep(0.02)
     assert held_by(node, cid) == []
+
+
+def test_add_into_a_netns_whose_last_pod_end_is_still_being_deleted(
+    node: Daemon, netns: NetnsFactory
+) -> None:
+    """A runtime that reuses a netns for another container ID right after a DEL (tests and
+    benchmarks do) meets the old pod end while the background deletion runs: ADD waits for it."""
+    rt = ExecRuntime()
+    _, path = netns()
+    first = "delay-reap-300-mse-first"  # its background deletion waits 300 ms
+    assert rt.add(conf(node), path, first).rc == 0
+    assert rt.delete(conf(node), path, first).rc == 0
+    second = rt.add(conf(node), path, "mse-second")
+    assert second.rc == 0, second.out
+    assert rt.delete(conf(node), path, "mse-second").rc == 0
