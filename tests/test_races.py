@@ -230,3 +230,22 @@ def test_a_release_the_leak_gc_could_not_do_is_retried_without_a_new_grace(
     assert gc.sweep() == []  # its grace is over, but the release failed
     clock.advance(1)
     assert gc.sweep() == [alloc]  # retried at once, not after another grace period
+
+
+def test_the_veth_reaper_takes_a_bounded_backlog() -> None:
+    """DEL hands at most BACKLOG host veths to the background; past that it deletes inline, so
+    what an ADD into a reused netns may have to wait for stays short."""
+    from cni_plugin.reaper import BACKLOG, HostVethReaper
+
+    reaper = HostVethReaper()
+    hold, done = threading.Event(), []
+    try:
+        for i in range(BACKLOG):
+            assert not reaper.full()
+            reaper.submit(f"mrcnone{i}", lambda: done.append(1), first=lambda: hold.wait(5))
+        assert reaper.full() and reaper.busy()
+    finally:
+        hold.set()
+        assert reaper.drain(5)
+        reaper.stop()
+    assert len(done) == BACKLOG and not reaper.busy()
