@@ -156,14 +156,19 @@ class StoreGuard:
                         f"subnet lease {subnet} is {'held by ' + holder if holder else 'gone'}"
                     )
         held = self.leases.subnets  # without any an admin removed just now
+        # Memory first, then the store: an allocation committed after this snapshot cannot be
+        # missed by the listing and taken for lost; one committed before is in it.
+        known = [
+            a
+            for a in self.allocator.allocations()
+            if a.subnet in held and not self.allocator.in_flight(a.ip)
+        ]
         records = {
             kv.key: kv
             for prefix in covering_prefixes(self.keys.ips_prefix_for(s) for s in held)
             for kv in self.store.list_prefix(prefix)[0]
         }
-        for alloc in self.allocator.allocations():
-            if alloc.subnet not in held or self.allocator.in_flight(alloc.ip):
-                continue
+        for alloc in known:
             kv = records.get(self.keys.ip(alloc.ip))
             if kv is None and not self._released_since(alloc):
                 self._flag(f"the record of {alloc.ip} ({'/'.join(alloc.owner.handle)}) is gone")

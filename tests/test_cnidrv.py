@@ -176,7 +176,7 @@ def test_add_check_del_with_reference_bridge(bridge_net: Env, netns: tuple[str, 
     proc = env.run("del", NET, path)
     assert (proc.returncode, proc.stdout) == (0, ""), proc.stderr
     assert not env.cache_file(NET, cid).exists()
-    assert oracle.link("eth0", netns=name) is None
+    assert oracle.gone("eth0", netns=name)
     assert leases(env) == []
 
     # After DEL, CHECK fails (host-local no longer holds the address), as one stderr line.
@@ -223,13 +223,13 @@ def test_container_id_override_and_gc_on_1_0_0_list(
     proc = env.run("gc", NET, path, valid_attachments=keep)
     assert (proc.returncode, proc.stdout) == (0, ""), proc.stderr
     assert not env.cache_file(NET, first).exists()
-    assert oracle.link("eth0", netns=name) is None
+    assert oracle.gone("eth0", netns=name)
     assert oracle.addresses("eth1", netns=name) == ["10.252.0.3/24"]
     assert leases(env) == ["10.252.0.3"]
 
     # Plain gc (cnitool semantics): every cached attachment of the network is DELeted.
     assert env.run("gc", NET, path).returncode == 0
-    assert oracle.link("eth1", netns=name) is None
+    assert oracle.gone("eth1", netns=name)
     assert leases(env) == []
     assert list((env.cache / "results").iterdir()) == []
 

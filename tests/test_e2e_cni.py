@@ -57,8 +57,8 @@ def assert_attached(
 
 def assert_detached(daemon: Daemon, ns: str | None, container_id: str, ifname: str) -> None:
     if ns is not None and oracle.netns_exists(ns):
-        assert oracle.link(ifname, netns=ns) is None
-    assert oracle.link(host_veth_name(container_id, ifname)) is None
+        assert oracle.gone(ifname, netns=ns)
+    assert oracle.gone(host_veth_name(container_id, ifname))
     assert allocations(daemon, container_id) == []
 
 
@@ -149,7 +149,7 @@ def test_existing_ifname_in_netns_fails_without_leaks(daemon: Daemon, netns: Net
     )
     out = ExecRuntime().add(conf(daemon), path, "exists1")
     assert out.rc == 1 and out.code == 102, out
-    assert oracle.link(host_veth_name("exists1", "eth0")) is None
+    assert oracle.gone(host_veth_name("exists1", "eth0"))
     assert allocations(daemon, "exists1") == []
     assert oracle.link("eth0", netns=ns)["ifname"] == "eth0"  # left alone
     assert oracle.link("other0", netns=ns) is not None
@@ -180,8 +180,8 @@ def test_failed_add_leaves_nothing(
     out = runtime.add(conf(daemon), path, cid)
     assert out.failed_with(999, "injected fault"), out
     assert len(allocations(daemon)) == before
-    assert oracle.link(host_veth_name(cid, "eth0")) is None
-    assert oracle.link("eth0", netns=ns) is None
+    assert oracle.gone(host_veth_name(cid, "eth0"))
+    assert oracle.gone("eth0", netns=ns)
     assert [r for r in oracle.routes(netns=ns) if r["dst"] == "default"] == []
 
 
@@ -236,7 +236,7 @@ def test_l2_only_config(daemon: Daemon, netns: NetnsFactory, runtime: Runtime) -
     assert oracle.addresses("eth0", netns=ns) == []
     assert runtime.check(c, path, "l2-1").rc == 0
     assert runtime.delete(c, path, "l2-1").rc == 0
-    assert oracle.link(host_veth_name("l2-1", "eth0")) is None
+    assert oracle.gone(host_veth_name("l2-1", "eth0"))
 
 
 def test_bridge_reused_and_non_bridge_clash(daemon: Daemon, netns: NetnsFactory) -> None:

@@ -66,8 +66,8 @@ def test_daemon_down_add_11_status_50_del_spooled_then_replayed(
     assert os.listdir(node.spool_dir) == []
     allocs = node.status()["allocations"]
     assert all(a["containerID"] != "down1" for a in allocs)
-    assert oracle.link(host_veth_name("down1", "eth0")) is None
-    assert oracle.link("eth0", netns=ns) is None
+    assert oracle.gone(host_veth_name("down1", "eth0"))
+    assert oracle.gone("eth0", netns=ns)
     assert ip not in [a["ip"] for a in allocs]
 
 
@@ -170,7 +170,7 @@ def test_full_subnet_takes_another_lease_and_full_network_fails_clearly(
     assert len({a["ip"] for a in data["allocations"]}) == 20
     full = rt.add(c, paths[20], "grow20")
     assert full.rc == 1 and full.code == 100 and "no IP addresses available" in full.out["msg"]
-    assert oracle.link(host_veth_name("grow20", "eth0")) is None
+    assert oracle.gone(host_veth_name("grow20", "eth0"))
     assert rt.call("STATUS", c).rc == 0  # a full pool must not make the node NotReady
     # A just-released IP is still cooling, but with the whole network full it is the last resort.
     freed = rt.cache[("mtdnet", "grow3", "eth0")]["ips"][0]["address"]

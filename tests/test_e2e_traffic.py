@@ -301,8 +301,8 @@ def test_after_del_the_pod_ip_is_silent_and_the_host_veth_gone(
         deleted = ExecRuntime().delete(conf, a.path, a.cid)
         assert deleted.rc == 0, deleted
 
-        assert oracle.link(a.host_veth) is None
-        assert oracle.link("eth0", netns=a.netns) is None
+        assert oracle.gone(a.host_veth)
+        assert oracle.gone("eth0", netns=a.netns)
         assert not [x for x in mtr.status()["allocations"] if x["containerID"] == a.cid]
         for proto in ("udp", "tcp"):
             answer = ask(b.netns, proto, a.ip, port_a, "anyone?", timeout=SILENCE_TIMEOUT)

@@ -169,7 +169,7 @@ def test_silent_and_trickling_clients_do_not_delay_an_add(
             s.close()
     assert rt.delete(c, path, "quiet1").rc == 0
     assert allocated(node) == set()
-    assert oracle.link(host_veth_name("quiet1", "eth0")) is None
+    assert oracle.gone(host_veth_name("quiet1", "eth0"))
 
 
 def test_connections_past_the_bound_evict_the_oldest_unfinished(
@@ -249,12 +249,12 @@ def test_a_locked_sqlite_store_cannot_hold_a_request_past_its_deadline(
         add = rt.add(c, during, "locked2")
         assert time.monotonic() - started < 2.0 + 1.0
         assert add.failed_with(11, "database is locked"), add
-        assert oracle.link(host_veth_name("locked2", "eth0")) is None
+        assert oracle.gone(host_veth_name("locked2", "eth0"))
         started = time.monotonic()
         dele = rt.delete(c, before, "locked1")
         assert time.monotonic() - started < 2.0 + 0.5
         assert dele.rc == 0, dele
-        assert oracle.link(host_veth_name("locked1", "eth0")) is None
+        assert oracle.gone(host_veth_name("locked1", "eth0"))
         assert "journaled" in log(node)
     finally:
         assert locker.stdin is not None
@@ -326,7 +326,7 @@ def test_an_unusable_netns_is_code_4_fast_and_del_still_works(
         assert dele.rc == 0, dele
     finally:
         remove()
-    assert oracle.link(host_veth_name(cid, "eth0")) is None
+    assert oracle.gone(host_veth_name(cid, "eth0"))
     assert allocated(node) == set()
 
 

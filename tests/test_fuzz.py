@@ -21,6 +21,7 @@ import os
 import re
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -239,7 +240,12 @@ def test_every_input_gets_its_documented_code(target: Target) -> None:
     print(f"codes seen: {dict(sorted(target.codes.items()))}; successful ADDs: {len(target.added)}")
     assert daemon.proc is not None and daemon.proc.poll() is None
     assert daemon.status()["allocations"] == [], "allocations left after DEL of every ADD"
-    veths = set(host_links_with_prefix("veth"))
-    leftover = {str(p): target.history[p] for p in target.pairs if host_veth_name(*p) in veths}
+    deadline = time.monotonic() + 5  # DEL leaves the host veth's deletion to the background
+    while True:
+        veths = set(host_links_with_prefix("veth"))
+        leftover = {str(p): target.history[p] for p in target.pairs if host_veth_name(*p) in veths}
+        if not leftover or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert not leftover, f"host veths left: {json.dumps(leftover, indent=1)}"
     assert not os.path.exists(spool) or not os.listdir(spool), "a DEL was spooled"

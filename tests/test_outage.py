@@ -90,7 +90,7 @@ def test_etcd_outage_add_11_del_journaled_status_after_grace_then_recovery(
     add = rt.add(c, netns()[1], "out2")
     assert time.monotonic() - started < DEADLINE + 1.0
     assert add.failed_with(11, "unreachable"), add
-    assert oracle.link(host_veth_name("out2", "eth0")) is None  # nothing half-made
+    assert oracle.gone(host_veth_name("out2", "eth0"))  # nothing half-made
 
     status = rt.call("STATUS", c)  # within the grace period: still ready
     assert status.rc == 0, status
@@ -98,7 +98,7 @@ def test_etcd_outage_add_11_del_journaled_status_after_grace_then_recovery(
 
     dele = rt.delete(c, path1, "out1")
     assert dele.rc == 0, dele
-    assert oracle.link(host_veth_name("out1", "eth0")) is None
+    assert oracle.gone(host_veth_name("out1", "eth0"))
     assert [(e["containerID"], e["ip"], e["done"]) for e in journal(node)] == [("out1", ip1, False)]
 
     wait_for("the grace period to pass", lambda: time.monotonic() - down_at > GRACE + 0.5)

@@ -60,7 +60,7 @@ def test_del_waits_for_the_add_of_the_same_attachment(node: Daemon, netns: Netns
         assert time.monotonic() < deadline, "the host veth outlived the DEL"
         time.sleep(0.02)
     assert held_by(node, cid) == []
-    assert oracle.link("eth0", netns=name) is None  # the DEL undid the whole ADD
+    assert oracle.gone("eth0", netns=name)  # the DEL undid the whole ADD
 
 
 def test_add_right_after_del_of_the_same_attachment_waits_for_its_veth(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import subprocess
+import time
 from typing import Any
 
 
@@ -30,6 +31,17 @@ def link(name: str, netns: str | None = None) -> dict[str, Any] | None:
         return None
     items = json.loads(proc.stdout)
     return items[0] if items else None
+
+
+def gone(name: str, netns: str | None = None, timeout: float = 5.0) -> bool:
+    """The link does not exist, or is gone within `timeout`: DEL answers before its host veth's
+    deletion (the kernel's ~16 ms) is done, in the daemon's background."""
+    deadline = time.monotonic() + timeout
+    while link(name, netns) is not None:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 def addresses(name: str, netns: str | None = None, family: str = "inet") -> list[str]:
