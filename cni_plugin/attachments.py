@@ -18,6 +18,7 @@ from types import TracebackType
 from cni_plugin.errors import TRY_AGAIN_LATER, CNIError
 
 Key = tuple[str, str]  # (container ID, ifname): the attachment, whatever the network
+WAIT = 5.0  # seconds anything waits for an attachment busy with a CNI verb (never past a deadline)
 
 
 class AttachmentBusy(CNIError):

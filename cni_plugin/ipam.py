@@ -68,6 +68,11 @@ class AttachmentOwner:
         return (self.network, self.container_id, self.ifname)
 
     @property
+    def attachment(self) -> tuple[str, str]:
+        """The key of its attachment's lock (`cni_plugin.attachments`)."""
+        return (self.container_id, self.ifname)
+
+    @property
     def pod(self) -> str:
         return f"{self.pod_namespace}/{self.pod_name}" if self.pod_name else ""
 

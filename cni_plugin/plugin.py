@@ -20,7 +20,7 @@ from collections.abc import Callable
 from contextlib import ExitStack
 
 from cni_plugin import deadline, kernel_record
-from cni_plugin.attachments import AttachmentLocks, Key
+from cni_plugin.attachments import WAIT, AttachmentLocks, Key
 from cni_plugin.check import check_datapath
 from cni_plugin.datapath import bridge as br
 from cni_plugin.datapath import veth
@@ -48,8 +48,6 @@ from cni_plugin.skel import Request
 
 log = logging.getLogger(__name__)
 DEFAULT_V4 = ipaddress.ip_network("0.0.0.0/0")
-# At most this long, and never past the request's deadline, a verb waits for its attachment.
-LOCK_WAIT = 5.0
 REAP_WAIT = 1.0  # an ADD that meets a pod interface waits this long for DELs still deleting
 # Test-only fault injection (the reference bridge has debugPostIPAMError for the same reason).
 FaultHook = Callable[[str, Request], None]
@@ -69,7 +67,7 @@ class MoorPlugin:
         node: str = "",
         locks: AttachmentLocks | None = None,
         reaper: HostVethReaper | None = None,
-        lock_wait: Callable[[], float] = lambda: min(LOCK_WAIT, deadline.remaining()),
+        lock_wait: Callable[[], float] = lambda: min(WAIT, deadline.remaining()),
         fault_hook: FaultHook | None = None,
     ) -> None:
         self.ipam = ipam

@@ -118,9 +118,10 @@ class StoreGuard:
             self._max_revision = max(self._max_revision, revision)
 
     # ---- detection --------------------------------------------------------------------------
-    def probe(self) -> None:
-        """One read of the network config with the store's identity. StoreError propagates
-        (the caller counts an unreachable store); a loss is flagged, not recovered here."""
+    def probe(self) -> StoreIdentity:
+        """One read of the network config with the store's identity, which it returns.
+        StoreError propagates (the caller counts an unreachable store); a loss is flagged, not
+        recovered here."""
         with self._lock:  # before the read: every revision seen so far is at most the read's
             known, highest = self._identity, self._max_revision
         kv, identity = self.store.get_with_identity(self.keys.config())
@@ -139,6 +140,7 @@ class StoreGuard:
             self._flag("the network config is gone from the store")
         elif (stored := NetworkConfig.from_json(kv.value).cluster_id) and stored != ours:
             self._flag(f"the store's network config is cluster {stored}, this node's is {ours}")
+        return identity
 
     def verify(self) -> None:
         """Compare this node's subnets and allocations with the store's records (before the
@@ -203,10 +205,9 @@ class StoreGuard:
         """The store follower lost its watch: verify, re-assert if needed, then reload the
         allocator from the store. Returns the revision to watch from (exclusive)."""
         with self._recovery:
-            self.probe()
+            revision = self.probe().revision  # changes after it come through the watch
             self.verify()
             self._recover_if_lost()
-            revision = self.store.get_with_identity(self.keys.config())[1].revision
             self.allocator.load()
             return revision
 

@@ -18,7 +18,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from cni_plugin.attachments import AttachmentBusy, AttachmentLocks
+from cni_plugin.attachments import WAIT, AttachmentBusy, AttachmentLocks
 from ipamd.allocator import NodeAllocator
 from ipamd.errors import NoLease, StoreRecovering
 from ipamd.guard import StoreGuard
@@ -29,7 +29,6 @@ from ipamd.pool import PoolStatus
 from ipamd.store.base import Store, StoreError, StoreUnavailable
 
 log = logging.getLogger(__name__)
-GC_LOCK_WAIT = 5.0  # seconds a GC release waits for an attachment busy with a CNI verb
 
 
 class AllocationTimer(Protocol):
@@ -154,7 +153,7 @@ class NodeIpam:
 
     def release_if_unchanged(self, alloc: Allocation) -> bool:
         """Release `alloc` only if the store still holds exactly it (leak GC re-validation)."""
-        with self.locks.hold((alloc.owner.container_id, alloc.owner.ifname), GC_LOCK_WAIT):
+        with self.locks.hold(alloc.owner.attachment, WAIT):
             if self.allocator.stored(alloc) is None:
                 return False
             return self.allocator.release(*alloc.owner.handle) is not None
@@ -171,11 +170,10 @@ class NodeIpam:
         Goes on past failures."""
         report = GarbageReport()
         for alloc in self.allocations(network):
-            key = (alloc.owner.container_id, alloc.owner.ifname)
-            if key in keep:
+            if alloc.owner.attachment in keep:
                 continue
             try:
-                with self.locks.hold(key, GC_LOCK_WAIT):
+                with self.locks.hold(alloc.owner.attachment, WAIT):
                     if self.allocator.get(*alloc.owner.handle) != alloc:
                         continue  # released or replaced while we waited
                     if before_release is not None and alloc.host_veth:

@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from cni_plugin.attachments import AttachmentBusy, AttachmentLocks
+from cni_plugin.attachments import WAIT, AttachmentBusy, AttachmentLocks
 from cni_plugin.kernel_record import AttachmentRecord
 from ipamd.allocator import NodeAllocator
 from ipamd.leases import SubnetLeaseManager
@@ -25,7 +25,6 @@ from ipamd.store.base import Compare, Put, Store, StoreError
 from ipamd.store.keys import Keys
 
 log = logging.getLogger(__name__)
-LOCK_WAIT = 5.0  # seconds to wait for an attachment busy with a CNI verb
 
 
 class Reasserter:
@@ -96,9 +95,8 @@ class Reasserter:
         for alloc in self.allocator.allocations() + from_kernel:
             if removed and alloc.subnet not in held:
                 continue  # an admin removed that subnet with its records: not ours to put back
-            key = (alloc.owner.container_id, alloc.owner.ifname)
             try:
-                with self.locks.hold(key, LOCK_WAIT):
+                with self.locks.hold(alloc.owner.attachment, WAIT):
                     if alloc in from_kernel:
                         self._put_back(alloc)  # its host veth is there: alive by definition
                     elif self.allocator.get(*alloc.owner.handle) == alloc:
@@ -176,7 +174,7 @@ class Reasserter:
         retry = 0
         for alloc in missing:
             try:
-                with self.locks.hold((alloc.owner.container_id, alloc.owner.ifname), LOCK_WAIT):
+                with self.locks.hold(alloc.owner.attachment, WAIT):
                     self._put_back(alloc)
             except (AttachmentBusy, StoreError) as exc:
                 log.warning("putting back %s: %s", alloc.ip, exc)

@@ -9,13 +9,11 @@ import ipaddress
 
 import grpc
 
-from cni_plugin.attachments import AttachmentLocks
+from cni_plugin.attachments import WAIT, AttachmentLocks
 from ipamd.api.v1 import ipam_pb2, ipam_pb2_grpc
 from ipamd.grpc_status import abort
 from ipamd.model import Allocation, Owner
 from ipamd.node import NodeIpam
-
-LOCK_WAIT = 5.0  # seconds an RPC waits for an attachment busy with a CNI verb
 
 
 def allocation_pb(a: Allocation) -> ipam_pb2.Allocation:
@@ -59,7 +57,7 @@ class IpamServicer(ipam_pb2_grpc.IpamServicer):
             requested = (
                 ipaddress.ip_interface(request.requested_ip).ip if request.requested_ip else None
             )
-            with self.locks.hold((o.container_id, o.ifname), LOCK_WAIT):
+            with self.locks.hold((o.container_id, o.ifname), WAIT):
                 alloc, existed = self.ipam.allocate(
                     Owner(
                         o.network, o.container_id, o.ifname, o.pod_namespace, o.pod_name, o.pod_uid
@@ -77,7 +75,7 @@ class IpamServicer(ipam_pb2_grpc.IpamServicer):
     ) -> ipam_pb2.ReleaseResponse:
         h = request.handle
         try:
-            with self.locks.hold((h.container_id, h.ifname), LOCK_WAIT):
+            with self.locks.hold((h.container_id, h.ifname), WAIT):
                 alloc = self.ipam.release(h.network, h.container_id, h.ifname)
         except Exception as exc:  # noqa: BLE001
             abort(context, exc)
