@@ -52,7 +52,8 @@ from bench.harness import (
     sh,
 )
 from ipamd.api.v1 import ipam_pb2, ipam_pb2_grpc
-from ipamd.model import Allocation, NetworkConfig, Owner, SubnetLease
+from ipamd.model import Allocation, Owner, SubnetLease
+from ipamd.network_config import NetworkConfig
 from ipamd.store.base import Compare, Delete, Put
 from ipamd.store.keys import Keys
 from ipamd.store.open import open_store
@@ -676,7 +677,7 @@ def preload(url: str, keys: Keys, nodes: int, per_node: int, say: Progress) -> t
                 subnet = next(subnets)
                 node = sim_node_name(i, scale_index)
                 public_ip = str(ipaddress.ip_address("172.16.0.0") + i)
-                lease = SubnetLease(subnet, node, now - 86400, public_ip, config.backend_data())
+                lease = SubnetLease(subnet, node, now - 86400, public_ip, config.backend_data(node))
                 lease_ops.append(Put(keys.subnet(subnet), lease.to_json(), lease_ids[i]))
                 for j in range(per_node):
                     a = _sim_allocation(subnet, node, j, now)

@@ -14,7 +14,7 @@ import grpc
 
 from ipamd.api.v1 import ipam_pb2, ipam_pb2_grpc
 from ipamd.grpc_status import abort
-from ipamd.model import NetworkConfig
+from ipamd.network_config import NetworkConfig
 from ipamd.ops import ClusterOps, SubnetUsage
 from ipamd.service import allocation_pb
 
@@ -29,6 +29,8 @@ def config_pb(c: NetworkConfig) -> ipam_pb2.NetworkConfig:
         subnet_max=str(c.subnet_max) if c.subnet_max is not None else "",
         fixed_ranges=[str(r) for r in c.fixed_ranges],
         backend=c.backend,
+        vni=c.vni,
+        vxlan_port=c.vxlan_port,
         cluster_id=c.cluster_id,
     )
 
@@ -41,6 +43,8 @@ def config_from_pb(m: ipam_pb2.NetworkConfig) -> NetworkConfig:
         subnet_max=m.subnet_max,
         fixed_ranges=list(m.fixed_ranges),
         backend=m.backend,
+        vni=m.vni,
+        vxlan_port=m.vxlan_port,
     )
 
 

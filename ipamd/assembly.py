@@ -26,7 +26,8 @@ from ipamd.guard import StoreGuard
 from ipamd.journal import ReleaseJournal
 from ipamd.leases import SubnetLeaseManager
 from ipamd.metrics import Metrics
-from ipamd.model import Allocation, NetworkConfig
+from ipamd.model import Allocation
+from ipamd.network_config import NetworkConfig
 from ipamd.node import GarbageReport, NodeIpam
 from ipamd.node_state import NodeStateFile
 from ipamd.ops import NO_NETWORK

@@ -125,6 +125,8 @@ def _config_dict(c: Any) -> dict[str, Any]:
         "subnetMax": c.subnet_max,
         "fixedRanges": list(c.fixed_ranges),
         "backend": c.backend,
+        "vni": c.vni,
+        "vxlanPort": c.vxlan_port,
         "clusterID": c.cluster_id,
     }
 
@@ -146,6 +148,8 @@ def _network_init(channel: Any, args: argparse.Namespace) -> dict[str, Any]:
         subnet_max=args.subnet_max,
         fixed_ranges=args.fixed_range,
         backend=args.backend,
+        vni=args.vni,
+        vxlan_port=args.vxlan_port,
     )
     r = ipam_pb2_grpc.AdminStub(channel).NetworkInit(
         ipam_pb2.NetworkInitRequest(config=config), timeout=30
@@ -161,6 +165,7 @@ def render_config(c: dict[str, Any]) -> str:
         ["subnet-max", c["subnetMax"] or "-"],
         ["fixed-ranges", ", ".join(c["fixedRanges"]) or "-"],
         ["backend", c["backend"]],
+        *([["vni", str(c["vni"])], ["vxlan-port", str(c["vxlanPort"])]] if c["backend"] == "vxlan" else []),
         ["cluster-id", c["clusterID"] or "-"],
     ]
     return "\n".join(f"{k:<13} {v}" for k, v in rows)
@@ -383,6 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="never leased to nodes (kept for fixed pod IPs); repeatable",
     )
     p.add_argument("--backend", choices=["host-gw", "vxlan"], default="host-gw")
+    p.add_argument("--vni", type=int, default=1, help="vxlan: VXLAN network identifier")
+    p.add_argument("--vxlan-port", type=int, default=8472, help="vxlan: UDP port (NSX: not 8472)")
     return parser
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from cni_plugin.naming import valid_node_name
-from ipamd.model import NetworkConfig
+from ipamd.network_config import NetworkConfig
 
 # bin/moor gives up on a reply after REPLY_TIMEOUT (30 s); the daemon answers within the deadline
 # plus the watchdog's margin, so the deadline must leave room for both.

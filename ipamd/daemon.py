@@ -36,7 +36,7 @@ from ipamd.config import DaemonConfig
 from ipamd.grpc_gate import GrpcGate
 from ipamd.leakgc import LeakCollector
 from ipamd.metrics import Metrics
-from ipamd.model import NetworkConfig
+from ipamd.network_config import NetworkConfig
 from ipamd.node import NodeIpam
 from ipamd.ops import NO_NETWORK, ClusterOps
 from ipamd.server import GrpcServer

@@ -37,7 +37,8 @@ from cni_plugin.attachments import AttachmentLocks
 from cni_plugin.kernel_record import AttachmentRecord
 from ipamd.allocator import NodeAllocator
 from ipamd.leases import SubnetLeaseManager
-from ipamd.model import Allocation, NetworkConfig, SubnetLease
+from ipamd.model import Allocation, SubnetLease
+from ipamd.network_config import NetworkConfig
 from ipamd.reassert import Reasserter
 from ipamd.store.base import Store, StoreError, StoreIdentity, StoreUnavailable
 from ipamd.store.keys import Keys, covering_prefixes

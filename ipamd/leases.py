@@ -28,7 +28,8 @@ import time
 from collections.abc import Callable, Iterator
 
 from ipamd.errors import ConfigMismatch, NetworkExhausted
-from ipamd.model import IPNetwork, NetworkConfig, SubnetLease
+from ipamd.model import IPNetwork, SubnetLease
+from ipamd.network_config import NetworkConfig
 from ipamd.node_state import NodeState, NodeStateFile
 from ipamd.store.base import KeyValue, LeaseNotFound, Store, StoreError
 from ipamd.store.keys import Keys
@@ -253,7 +254,7 @@ class SubnetLeaseManager:
             self.node,
             self.clock() if since is None else since,
             self.public_ip,
-            self.config.backend_data(),
+            self.config.backend_data(self.node),
         )
 
     def _adopt(self, subnet: IPNetwork, kv: KeyValue) -> bool:

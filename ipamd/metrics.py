@@ -23,7 +23,8 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 from ipamd.config import split_host_port
 from ipamd.errors import NetworkExhausted, NoLease
-from ipamd.model import IPNetwork, NetworkConfig
+from ipamd.model import IPNetwork
+from ipamd.network_config import NetworkConfig
 from ipamd.store.base import (
     Store,
     StoreError,

@@ -17,7 +17,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from ipamd.model import IPNetwork, NetworkConfig
+from ipamd.model import IPNetwork
+from ipamd.network_config import NetworkConfig
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 from ipamd.allocator import NodeAllocator
 from ipamd.errors import ConfigMismatch, Conflict, NotFound, Refused
-from ipamd.model import Allocation, IPAddress, NetworkConfig, SubnetLease
+from ipamd.model import Allocation, IPAddress, SubnetLease
+from ipamd.network_config import NetworkConfig
 from ipamd.node_removal import NodeRemoval, remove_node
 from ipamd.records import SubnetIndex, ip_records, records
 from ipamd.release import free_ip_ops, release_handle

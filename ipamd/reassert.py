@@ -19,7 +19,8 @@ from cni_plugin.kernel_record import AttachmentRecord
 from ipamd.allocator import NodeAllocator
 from ipamd.leases import SubnetLeaseManager
 from ipamd.liveness import IncompleteView, attachment_gone
-from ipamd.model import Allocation, NetworkConfig
+from ipamd.model import Allocation
+from ipamd.network_config import NetworkConfig
 from ipamd.release import TXN_RETRIES
 from ipamd.store.base import Compare, Put, Store, StoreError
 from ipamd.store.keys import Keys

@@ -24,7 +24,8 @@ import pytest
 from ipamd.allocator import NodeAllocator
 from ipamd.errors import ConfigMismatch, Conflict, NetworkExhausted, NotFound, Refused
 from ipamd.leases import SubnetLeaseManager
-from ipamd.model import NetworkConfig, Owner
+from ipamd.model import Owner
+from ipamd.network_config import NetworkConfig
 from ipamd.node_removal import MAX_TXN_KEYS
 from ipamd.ops import ClusterOps
 from ipamd.store.base import Put, Store
@@ -86,7 +87,7 @@ def test_network_config_json_is_backwards_compatible() -> None:
     )
     assert NetworkConfig.from_json(full.to_json()) == full
     assert json.loads(full.to_json())["fixedRanges"] == ["10.241.5.0/24", "10.241.7.7/32"]
-    assert full.backend_data()["type"] == "vxlan" and "vni" in full.backend_data()
+    assert full.backend_data("n1")["type"] == "vxlan" and "vni" in full.backend_data("n1")
     # Construction validates too, so a hand-edited store config cannot slip through.
     with pytest.raises(ValueError, match="not inside"):
         NetworkConfig.from_json(

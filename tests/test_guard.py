@@ -20,7 +20,8 @@ from ipamd.allocator import NodeAllocator
 from ipamd.errors import StoreRecovering
 from ipamd.guard import StoreGuard
 from ipamd.leases import SubnetLeaseManager
-from ipamd.model import Allocation, NetworkConfig, Owner, SubnetLease
+from ipamd.model import Allocation, Owner, SubnetLease
+from ipamd.network_config import NetworkConfig
 from ipamd.node import NodeIpam
 from ipamd.ops import ClusterOps
 from ipamd.store.keys import Keys

@@ -21,7 +21,8 @@ import pytest
 from ipamd.allocator import NodeAllocator
 from ipamd.errors import NetworkExhausted
 from ipamd.leases import RENEW_RETRY, SubnetLeaseManager
-from ipamd.model import NetworkConfig, Owner, SubnetLease
+from ipamd.model import Owner, SubnetLease
+from ipamd.network_config import NetworkConfig
 from ipamd.node import NodeIpam
 from ipamd.store.base import Store
 from ipamd.store.keys import Keys

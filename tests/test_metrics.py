@@ -26,7 +26,8 @@ from ipamd.config import load_config
 from ipamd.errors import NoLease
 from ipamd.leases import SubnetLeaseManager
 from ipamd.metrics import Metrics
-from ipamd.model import NetworkConfig, Owner
+from ipamd.model import Owner
+from ipamd.network_config import NetworkConfig
 from ipamd.node import NodeIpam
 from ipamd.store.base import Store, StoreUnavailable
 from ipamd.store.counting import CountingStore

@@ -19,7 +19,8 @@ from ipamd.journal import ReleaseJournal
 from ipamd.leakgc import LeakCollector
 from ipamd.leases import SubnetLeaseManager
 from ipamd.metrics import Metrics
-from ipamd.model import NetworkConfig, Owner
+from ipamd.model import Owner
+from ipamd.network_config import NetworkConfig
 from ipamd.node import NodeIpam
 from ipamd.store.base import StoreUnavailable
 from ipamd.store.keys import Keys

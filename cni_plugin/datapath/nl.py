@@ -51,6 +51,10 @@ __all__ = [
     "IFF_PROMISC",
     "IFF_UP",
     "IPRoute",
+    "NLM_F_ACK",
+    "NLM_F_CREATE",
+    "NLM_F_DUMP",
+    "NLM_F_REPLACE",
     "LinkInfo",
     "RTM_DELLINK",
     "RTM_GETADDR",
@@ -84,6 +88,8 @@ DUMP_ATTEMPTS = 5
 NLMSG_ERROR = 2
 NLMSG_DONE = 3
 NLM_F_DUMP = 0x300
+NLM_F_REPLACE = 0x100
+NLM_F_CREATE = 0x400
 NETLINK_ROUTE = 0
 _HEADER = struct.Struct("=IHHII")  # nlmsghdr: length, type, flags, sequence, port id
 
@@ -165,6 +171,16 @@ class Rtnl:
         flags the dump inconsistent, so `dump_retry` can run it again."""
         return self._exchange(msg, msg_type, NLM_F_DUMP)
 
+    def raw(self, msg_type: int, payload: bytes, flags: int = NLM_F_ACK) -> list[bytes]:
+        """Send a message whose body the caller packed (rtnl_codec.py); the raw replies. For the
+        per-peer writes of the route reconcile, where pyroute2's codec would cost more than the
+        kernel's work."""
+        self._seq += 1
+        seq = self._seq
+        header = _HEADER.pack(_HEADER.size + len(payload), msg_type, NLM_F_REQUEST | flags, seq, 0)
+        self.sock.send(header + payload)
+        return self._replies(seq)
+
     def _exchange(self, msg: nlmsg, msg_type: int, flags: int) -> list[bytes]:
         self._seq += 1
         seq = self._seq
@@ -173,6 +189,9 @@ class Rtnl:
         msg["header"]["sequence_number"] = seq
         msg.encode()
         self.sock.send(msg.data)
+        return self._replies(seq)
+
+    def _replies(self, seq: int) -> list[bytes]:
         replies: list[bytes] = []
         interrupted = False
         while True:

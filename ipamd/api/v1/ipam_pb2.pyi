@@ -161,7 +161,7 @@ class StatusResponse(_message.Message):
     def __init__(self, node: _Optional[str] = ..., ready: _Optional[bool] = ..., reason: _Optional[str] = ..., network: _Optional[str] = ..., subnets: _Optional[_Iterable[_Union[SubnetStatus, _Mapping]]] = ..., allocations: _Optional[_Iterable[_Union[Allocation, _Mapping]]] = ..., cooldown_seconds: _Optional[float] = ..., conflicts: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class NetworkConfig(_message.Message):
-    __slots__ = ("network", "subnet_len", "subnet_min", "subnet_max", "fixed_ranges", "backend", "cluster_id")
+    __slots__ = ("network", "subnet_len", "subnet_min", "subnet_max", "fixed_ranges", "backend", "cluster_id", "vni", "vxlan_port")
     NETWORK_FIELD_NUMBER: _ClassVar[int]
     SUBNET_LEN_FIELD_NUMBER: _ClassVar[int]
     SUBNET_MIN_FIELD_NUMBER: _ClassVar[int]
@@ -169,6 +169,8 @@ class NetworkConfig(_message.Message):
     FIXED_RANGES_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
+    VNI_FIELD_NUMBER: _ClassVar[int]
+    VXLAN_PORT_FIELD_NUMBER: _ClassVar[int]
     network: str
     subnet_len: int
     subnet_min: str
@@ -176,7 +178,9 @@ class NetworkConfig(_message.Message):
     fixed_ranges: _containers.RepeatedScalarFieldContainer[str]
     backend: str
     cluster_id: str
-    def __init__(self, network: _Optional[str] = ..., subnet_len: _Optional[int] = ..., subnet_min: _Optional[str] = ..., subnet_max: _Optional[str] = ..., fixed_ranges: _Optional[_Iterable[str]] = ..., backend: _Optional[str] = ..., cluster_id: _Optional[str] = ...) -> None: ...
+    vni: int
+    vxlan_port: int
+    def __init__(self, network: _Optional[str] = ..., subnet_len: _Optional[int] = ..., subnet_min: _Optional[str] = ..., subnet_max: _Optional[str] = ..., fixed_ranges: _Optional[_Iterable[str]] = ..., backend: _Optional[str] = ..., cluster_id: _Optional[str] = ..., vni: _Optional[int] = ..., vxlan_port: _Optional[int] = ...) -> None: ...
 
 class NetworkShowRequest(_message.Message):
     __slots__ = ()
@@ -203,7 +207,7 @@ class NetworkInitResponse(_message.Message):
     def __init__(self, config: _Optional[_Union[NetworkConfig, _Mapping]] = ..., created: _Optional[bool] = ...) -> None: ...
 
 class SubnetUsage(_message.Message):
-    __slots__ = ("subnet", "node", "public_ip", "since", "backend_json", "total", "reserved", "allocated", "cooling", "free")
+    __slots__ = ("subnet", "node", "public_ip", "since", "backend_json", "total", "reserved", "allocated", "cooling", "free", "route_state", "route_reason")
     SUBNET_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_IP_FIELD_NUMBER: _ClassVar[int]
@@ -214,6 +218,8 @@ class SubnetUsage(_message.Message):
     ALLOCATED_FIELD_NUMBER: _ClassVar[int]
     COOLING_FIELD_NUMBER: _ClassVar[int]
     FREE_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_STATE_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_REASON_FIELD_NUMBER: _ClassVar[int]
     subnet: str
     node: str
     public_ip: str
@@ -224,7 +230,9 @@ class SubnetUsage(_message.Message):
     allocated: int
     cooling: int
     free: int
-    def __init__(self, subnet: _Optional[str] = ..., node: _Optional[str] = ..., public_ip: _Optional[str] = ..., since: _Optional[float] = ..., backend_json: _Optional[str] = ..., total: _Optional[int] = ..., reserved: _Optional[int] = ..., allocated: _Optional[int] = ..., cooling: _Optional[int] = ..., free: _Optional[int] = ...) -> None: ...
+    route_state: str
+    route_reason: str
+    def __init__(self, subnet: _Optional[str] = ..., node: _Optional[str] = ..., public_ip: _Optional[str] = ..., since: _Optional[float] = ..., backend_json: _Optional[str] = ..., total: _Optional[int] = ..., reserved: _Optional[int] = ..., allocated: _Optional[int] = ..., cooling: _Optional[int] = ..., free: _Optional[int] = ..., route_state: _Optional[str] = ..., route_reason: _Optional[str] = ...) -> None: ...
 
 class ListSubnetsRequest(_message.Message):
     __slots__ = ("node",)
