@@ -134,7 +134,17 @@ def assemble_node(
         guard=guard,
     )
     ipam.replay_journal()
-    follower = StoreFollower(store, keys, leases, allocator, guard, stop)
+    follower = StoreFollower(
+        store,
+        keys,
+        leases,
+        allocator,
+        guard,
+        stop,
+        on_event=metrics.count_watch_event,
+        on_restart=metrics.count_watch_restart,
+    )
+    leases.on_subnets_changed = follower.subnets_changed  # its watch follows the node's subnets
     return NodeParts(ipam, leases, allocator, guard, follower, revision)
 
 

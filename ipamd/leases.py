@@ -14,7 +14,8 @@ store lease if the key is there and ours; a subnet another node took meanwhile i
 used by this node again, and reported as a conflict.
 
 Locks: `_lock` guards `_subnets`, `_lost`, `_lease_id` and `config`, held briefly and never across
-a store call. `_claim_lock` serialises everything that talks to the store about our leases (grant,
+a store call or a call of `on_subnets_changed` (the store follower's hook, told of every change of
+`_subnets`). `_claim_lock` serialises everything that talks to the store about our leases (grant,
 claim, re-claim, renewal, republish), so two threads never each grant a store lease; it is taken
 before `_lock`, never while holding it.
 """
@@ -63,6 +64,8 @@ class SubnetLeaseManager:
         self.state = NodeStateFile(state_file)
         self.clock = clock
         self.on_conflict = on_conflict
+        # Told (outside `_lock`) whenever `_subnets` changed: the store follower's scope follows.
+        self.on_subnets_changed: Callable[[], None] | None = None
         self._lease_id = 0
         self._subnets: list[IPNetwork] = []
         self._lost: list[IPNetwork] = []  # ours until they vanished: to claim back
@@ -181,6 +184,7 @@ class SubnetLeaseManager:
                     self._subnets = sorted(
                         (s for s, _ in own), key=lambda n: int(n.network_address)
                     )
+                self._subnets_changed()
                 self._remember()
                 return self.subnets
             self._acquire_additional()
@@ -226,6 +230,7 @@ class SubnetLeaseManager:
                 ):
                     with self._lock:
                         self._subnets.append(subnet)
+                    self._subnets_changed()
                     self._remember()
                     log.info("node %s leased subnet %s", self.node, subnet)
                     return subnet
@@ -302,6 +307,7 @@ class SubnetLeaseManager:
             if subnet not in self._subnets:
                 return
             self._subnets.remove(subnet)
+        self._subnets_changed()
         try:
             removed = self.store.get(self.keys.removal(self.node)) is not None
         except StoreError:
@@ -339,6 +345,7 @@ class SubnetLeaseManager:
                         f"subnet {subnet} of node {self.node} is now held by {holder}: "
                         "this node no longer allocates from it; its pods there keep their IPs",
                     )
+            self._subnets_changed()
             if not self.has_lease():
                 try:  # every subnet it had is someone else's now: serve new pods from a new one
                     self._acquire_additional()
@@ -361,6 +368,10 @@ class SubnetLeaseManager:
             if holder != self.node or self._adopt(subnet, kv):
                 return holder
         raise StoreError(f"subnet {subnet} kept changing while being claimed back")
+
+    def _subnets_changed(self) -> None:
+        if self.on_subnets_changed is not None:
+            self.on_subnets_changed()
 
     def _conflict(self, kind: str, sentence: str) -> None:
         if self.on_conflict is not None:

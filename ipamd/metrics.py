@@ -58,6 +58,8 @@ LATENCY_BUCKETS = (
 CNI_VERBS = ("ADD", "DEL", "CHECK", "GC", "STATUS", "VERSION")
 FAILURE_REASONS = ("exhausted", "unavailable", "other")
 CONFLICT_KINDS = ("subnet", "ip", "config")
+WATCH_KEYS = ("ip", "subnet", "other")
+WATCH_RESTARTS = ("error", "rescope")
 
 
 class MetricsServerError(Exception):
@@ -118,8 +120,26 @@ class Metrics:
             ["op"],
             registry=self.registry,
         )
+        self.store_watch_events = Counter(
+            "moor_store_watch_events",
+            "Store changes this node's watch brought, by key: ip (pod IP records in the key "
+            "ranges of its own subnets), subnet (subnet leases), other.",
+            ["key"],
+            registry=self.registry,
+        )
+        self.store_watch_restarts = Counter(
+            "moor_store_watch_restarts",
+            "Times this node re-synced from the store and watched again: error (the watch "
+            "broke) or rescope (the node holds a subnet its watch was not set up for).",
+            ["reason"],
+            registry=self.registry,
+        )
         for reason in FAILURE_REASONS:
             self.allocation_failures.labels(reason)
+        for key in WATCH_KEYS:
+            self.store_watch_events.labels(key)
+        for reason in WATCH_RESTARTS:
+            self.store_watch_restarts.labels(reason)
         for kind in CONFLICT_KINDS:
             self.store_conflicts.labels(kind)
         for verb in CNI_VERBS:
@@ -176,6 +196,12 @@ class Metrics:
 
     def count_conflict(self, kind: str, _sentence: str = "") -> None:
         self.store_conflicts.labels(kind if kind in CONFLICT_KINDS else "other").inc()
+
+    def count_watch_event(self, key: str) -> None:
+        self.store_watch_events.labels(key if key in WATCH_KEYS else "other").inc()
+
+    def count_watch_restart(self, reason: str) -> None:
+        self.store_watch_restarts.labels(reason if reason in WATCH_RESTARTS else "error").inc()
 
     def observe_cni(self, command: str, reply: Reply, seconds: float) -> None:
         verb = command if command in CNI_VERBS else "other"

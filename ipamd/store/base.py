@@ -9,11 +9,12 @@ intend to support:
   (revision of its last put);
 * multi-key transactions guarded by compares on `mod_revision`, where 0 means "must not exist";
 * TTL leases: keys attached to a lease are deleted, as an ordinary revision, when it expires;
-* watch from a revision, bounded by compaction (`WatchCompacted`).
+* watch from a revision, over one key prefix or several in one stream, bounded by compaction
+  (`WatchCompacted`).
 
-A backend implements the small core in `StoreBase` (`get`, `list_prefix`, `txn`, leases, `watch`,
-`ping`, `close`); the single-key helpers here are written on top of `txn` so that they have the
-same semantics everywhere.
+A backend implements the small core in `StoreBase` (`get`, `list_prefix`, `txn`, leases,
+`watch_prefixes`, `ping`, `close`); the single-key helpers and the one-prefix `watch` here are
+written on top of it so that they have the same semantics everywhere.
 
 Request deadlines: a store call made while serving a CNI request must not outlive the request.
 The daemon sets the request's expiry with `request_deadline()` around the handler (a contextvar:
@@ -34,6 +35,8 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Literal, Protocol, runtime_checkable
+
+from ipamd.store.keys import covering_prefixes
 
 
 class StoreError(Exception):
@@ -166,6 +169,10 @@ class Store(Protocol):
         self, prefix: str, start_revision: int, stop: threading.Event
     ) -> Iterator[WatchEvent]: ...
 
+    def watch_prefixes(
+        self, prefixes: Sequence[str], start_revision: int, stop: threading.Event
+    ) -> Iterator[WatchEvent]: ...
+
     def ping(self) -> None: ...
 
     def close(self) -> None: ...
@@ -260,6 +267,29 @@ def check_txn(compares: Sequence[Compare], ops: Sequence[Put | Delete]) -> None:
         seen.add(op.key)
 
 
+def check_prefixes(prefixes: object) -> list[str]:
+    """The key prefixes of a watch: a non-empty sequence of str (one str is refused, not taken
+    for its characters), without those another one covers, so no key is watched twice."""
+    if isinstance(prefixes, str | bytes) or not isinstance(prefixes, Sequence):
+        raise TypeError(f"prefixes must be a sequence of str, not {type(prefixes).__name__}")
+    if not prefixes:
+        raise ValueError("a watch needs at least one key prefix")
+    for prefix in prefixes:
+        if not isinstance(prefix, str):
+            raise TypeError(f"prefix must be str, not {type(prefix).__name__}")
+        try:
+            prefix.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"prefix is not valid UTF-8: {prefix!r}") from e
+    return covering_prefixes(prefixes)
+
+
+def check_start_revision(start_revision: object) -> int:
+    if type(start_revision) is not int or start_revision < 0:  # bool is no revision either
+        raise ValueError(f"start_revision must be an int >= 0, not {start_revision!r}")
+    return start_revision
+
+
 def prefix_range_end(prefix: bytes) -> bytes | None:
     """Smallest byte string greater than every key starting with `prefix` (etcd's range_end).
 
@@ -319,15 +349,32 @@ class StoreBase(ABC):
         """Seconds left, or None if the lease does not exist (any more)."""
 
     @abstractmethod
+    def watch_prefixes(
+        self, prefixes: Sequence[str], start_revision: int, stop: threading.Event
+    ) -> Iterator[WatchEvent]:
+        """Changes under any of `prefixes` with revision >= `start_revision`, in one stream.
+
+        Order: the changes of one prefix, hence of one key, come in revision order; changes
+        under different prefixes may interleave out of revision order (etcd feeds one watcher
+        per prefix, each at its own pace; SQLite happens to keep one global order). So the
+        highest revision seen is NOT a safe point to resume from: a caller that must not miss a
+        change re-lists on any break and watches from the listing's revision + 1, as the store
+        follower does. Overlapping prefixes are merged (`check_prefixes`): a key comes once.
+
+        When the call returns, the backend watches every prefix (etcd has confirmed each
+        watcher). `start_revision == 0` means "from the next revision". The iterator returns when
+        `stop` is set (noticed within 0.2 s). Raises WatchCompacted, eagerly or while iterating,
+        when history it still needs is gone; StoreUnavailable when the backend cancels it.
+        """
+
     def watch(
         self, prefix: str, start_revision: int, stop: threading.Event
     ) -> Iterator[WatchEvent]:
-        """Changes under `prefix` with revision >= `start_revision`, in revision order, blocking.
-
-        `start_revision == 0` means "from the next revision". Returns when `stop` is set (noticed
-        within 0.2 s). Raises WatchCompacted, eagerly or while iterating, when history it still
-        needs is gone.
-        """
+        """Changes under `prefix` with revision >= `start_revision`, in revision order, blocking:
+        `watch_prefixes` with one prefix (see there)."""
+        if not isinstance(prefix, str):
+            raise TypeError(f"prefix must be str, not {type(prefix).__name__}")
+        return self.watch_prefixes([prefix], start_revision, stop)
 
     @abstractmethod
     def ping(self) -> None:

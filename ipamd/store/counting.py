@@ -113,6 +113,17 @@ class CountingStore:
     ) -> Iterator[WatchEvent]:
         return self._watch(self.store.watch(prefix, start_revision, stop))
 
+    def watch_prefixes(
+        self, prefixes: Sequence[str], start_revision: int, stop: threading.Event
+    ) -> Iterator[WatchEvent]:
+        """Counted as a `watch`: one series for the store watch, whatever its shape."""
+        try:
+            events = self.store.watch_prefixes(prefixes, start_revision, stop)
+        except StoreError:
+            self.on_error("watch")
+            raise
+        return self._watch(events)
+
     def _watch(self, events: Iterator[WatchEvent]) -> Iterator[WatchEvent]:
         try:
             yield from events

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import math
 import threading
+import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -42,6 +44,8 @@ from ipamd.store.base import (
     call_timeout,
     check_key,
     check_lease_id,
+    check_prefixes,
+    check_start_revision,
     check_txn,
     prefix_range_end,
 )
@@ -267,63 +271,130 @@ class EtcdStore(StoreBase):
         return min(r.TTL + 0.5, float(r.grantedTTL))
 
     # ---- watch ------------------------------------------------------------------------------
-    def watch(
-        self, prefix: str, start_revision: int, stop: threading.Event
+    def watch_prefixes(
+        self, prefixes: Sequence[str], start_revision: int, stop: threading.Event
     ) -> Iterator[WatchEvent]:
-        if not isinstance(prefix, str):
-            raise TypeError(f"prefix must be str, not {type(prefix).__name__}")
-        if not isinstance(start_revision, int) or start_revision < 0:
-            raise ValueError(f"start_revision must be an int >= 0, not {start_revision!r}")
-        # "From now" is fixed here, not when the stream opens on first next(): a change made
-        # between this call and the first iteration must still be seen.
+        """One Watch stream with one watcher per prefix (see StoreBase.watch_prefixes).
+
+        Returns once etcd has confirmed every watcher (a "created" answer each, within the RPC
+        timeout), so a watcher etcd refused is an error here, never a prefix silently unwatched.
+        Completeness does not hinge on it: every watcher starts at the explicit revision, so a
+        change made while they are being created is replayed from history anyway.
+        """
+        ranges = check_prefixes(prefixes)
+        start_revision = check_start_revision(start_revision)
+        # "From now" is fixed here, not when the stream opens: a change made between this call
+        # and the watchers' creation must still be seen.
         start_revision = start_revision or self.revision() + 1
-        create = etcdrpc.WatchCreateRequest(
-            key=_b(prefix) or b"\0",
-            range_end=prefix_range_end(_b(prefix)) or b"\0",
-            start_revision=start_revision,
-        )
-        return self._watch(etcdrpc.WatchRequest(create_request=create), start_revision, stop)
+        requests = [
+            etcdrpc.WatchRequest(
+                create_request=etcdrpc.WatchCreateRequest(
+                    key=_b(prefix) or b"\0",
+                    range_end=prefix_range_end(_b(prefix)) or b"\0",
+                    start_revision=start_revision,
+                )
+            )
+            for prefix in ranges
+        ]
+        return self._watch(requests, start_revision, stop)
 
     def _watch(
-        self, request: Any, start_revision: int, stop: threading.Event
+        self, requests: list[Any], start_revision: int, stop: threading.Event
     ) -> Iterator[WatchEvent]:
-        ended = threading.Event()
+        ended = threading.Event()  # the stream is over: the send side closes, the helper returns
+        confirmed = threading.Event()
 
-        def requests() -> Iterator[Any]:
-            yield request
+        def send() -> Iterator[Any]:
+            yield from requests
             ended.wait()  # keep the send side open: a half-close ends the watch
 
-        call = self._stub("watch").Watch(requests())
-        watcher = threading.Thread(
-            target=self._cancel_on, args=(stop, ended, call), name="etcd-watch-stop", daemon=True
-        )
-        watcher.start()
+        call = self._stub("watch").Watch(send())
+        deadline = time.monotonic() + call_timeout(self.timeout)
+        threading.Thread(
+            target=self._cancel_on,
+            args=(stop, ended, confirmed, deadline, call),
+            name="etcd-watch-stop",
+            daemon=True,
+        ).start()
+        responses = iter(call)
+        early: list[WatchEvent] = []  # events of a watcher etcd created before the last one
+        created = 0
         try:
-            for response in call:
-                if response.compact_revision:
-                    raise WatchCompacted(start_revision, response.compact_revision - 1)
-                if response.canceled:
-                    raise StoreUnavailable(f"etcd cancelled the watch: {response.cancel_reason}")
-                for ev in response.events:
-                    kind = "delete" if ev.type == kv_pb2.Event.DELETE else "put"
-                    yield WatchEvent(
-                        kind,
-                        ev.kv.key.decode("utf-8", errors="surrogateescape"),
-                        b"" if kind == "delete" else bytes(ev.kv.value),
-                        ev.kv.mod_revision,
-                    )
+            while created < len(requests):
+                response = next(responses, None)
+                if response is None:
+                    raise StoreUnavailable("etcd ended the watch stream before creating it")
+                self._check(response, start_revision)
+                created += response.created
+                early.extend(self._events(response))
+        except grpc.RpcError as exc:
+            _end(call, ended)
+            if stop.is_set():
+                return iter(())
+            error = self._error(exc)  # a transient one also moves the client to another endpoint
+            if time.monotonic() >= deadline:
+                raise StoreUnavailable("etcd did not confirm the watch in time") from exc
+            raise error from exc
+        except BaseException:
+            _end(call, ended)
+            raise
+        confirmed.set()
+        events = self._follow(call, responses, early, start_revision, stop, ended)
+        weakref.finalize(events, _end, call, ended)  # dropped unread: the stream ends too
+        return events
+
+    def _follow(
+        self,
+        call: Any,
+        responses: Iterator[Any],
+        early: list[WatchEvent],
+        start_revision: int,
+        stop: threading.Event,
+        ended: threading.Event,
+    ) -> Iterator[WatchEvent]:
+        try:
+            yield from early
+            for response in responses:
+                self._check(response, start_revision)
+                yield from self._events(response)
         except grpc.RpcError as exc:
             if not stop.is_set():
                 raise self._error(exc) from exc
         finally:
-            ended.set()
-            call.cancel()
+            _end(call, ended)
 
     @staticmethod
-    def _cancel_on(stop: threading.Event, ended: threading.Event, call: Any) -> None:
+    def _check(response: Any, start_revision: int) -> None:
+        """Any one watcher compacted or cancelled ends the whole watch, as one watcher would."""
+        if response.compact_revision:
+            raise WatchCompacted(start_revision, response.compact_revision - 1)
+        if response.canceled:
+            raise StoreUnavailable(f"etcd cancelled the watch: {response.cancel_reason}")
+
+    @staticmethod
+    def _events(response: Any) -> Iterator[WatchEvent]:
+        for ev in response.events:
+            kind = "delete" if ev.type == kv_pb2.Event.DELETE else "put"
+            yield WatchEvent(
+                kind,
+                ev.kv.key.decode("utf-8", errors="surrogateescape"),
+                b"" if kind == "delete" else bytes(ev.kv.value),
+                ev.kv.mod_revision,
+            )
+
+    @staticmethod
+    def _cancel_on(
+        stop: threading.Event,
+        ended: threading.Event,
+        confirmed: threading.Event,
+        deadline: float,
+        call: Any,
+    ) -> None:
+        """Cancel the stream when `stop` is set or etcd has not confirmed it by `deadline`;
+        ending it also releases the send side, even if the iterator is never read again."""
         while not ended.is_set():
-            if stop.wait(0.1):
-                call.cancel()
+            if stop.wait(0.1) or (not confirmed.is_set() and time.monotonic() >= deadline):
+                _end(call, ended)
                 return
 
     # ---- lifecycle --------------------------------------------------------------------------
@@ -339,6 +410,12 @@ class EtcdStore(StoreBase):
             return
         self._closed.set()
         self._client.close()
+
+
+def _end(call: Any, ended: threading.Event) -> None:
+    """Cancel a watch stream and release its send side (idempotent)."""
+    ended.set()
+    call.cancel()
 
 
 def parse_endpoints(spec: str) -> list[tuple[str, int]]:

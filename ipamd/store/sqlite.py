@@ -52,6 +52,8 @@ from ipamd.store.base import (
     call_timeout,
     check_key,
     check_lease_id,
+    check_prefixes,
+    check_start_revision,
     check_txn,
     check_value,
     prefix_range_end,
@@ -504,13 +506,12 @@ class SqliteStore(StoreBase):
                 w.conn.execute("DELETE FROM events WHERE rev <= ?", (floor,))
                 w.conn.execute("UPDATE meta SET compacted = ? WHERE id = 1", (floor,))
 
-    def watch(
-        self, prefix: str, start_revision: int, stop: threading.Event
+    def watch_prefixes(
+        self, prefixes: Sequence[str], start_revision: int, stop: threading.Event
     ) -> Iterator[WatchEvent]:
-        if not isinstance(prefix, str):
-            raise TypeError(f"prefix must be str, not {type(prefix).__name__}")
-        if not isinstance(start_revision, int) or start_revision < 0:
-            raise ValueError(f"start_revision must be an int >= 0, not {start_revision!r}")
+        """One poll over the events of every prefix's key range (OR'ed), in revision order."""
+        ranges = check_prefixes(prefixes)
+        start_revision = check_start_revision(start_revision)
         with self._read() as conn:
             rev, compacted = conn.execute(
                 "SELECT revision, compacted FROM meta WHERE id = 1"
@@ -518,14 +519,20 @@ class SqliteStore(StoreBase):
         start = start_revision or rev + 1
         if start <= compacted:
             raise WatchCompacted(start, compacted)
-        return self._watch(_b(prefix), start, stop)
+        return self._watch([_b(prefix) for prefix in ranges], start, stop)
 
-    def _watch(self, prefix: bytes, start: int, stop: threading.Event) -> Iterator[WatchEvent]:
+    def _watch(
+        self, prefixes: list[bytes], start: int, stop: threading.Event
+    ) -> Iterator[WatchEvent]:
         # Cursor: the next event is the first after (rev, seq); seq -1 = "all of rev".
         rev, seq = start, -1
-        hi = prefix_range_end(prefix)
-        where = "(rev, seq) > (?, ?) AND key >= ?" + ("" if hi is None else " AND key < ?")
-        args_tail: tuple[bytes, ...] = (prefix,) if hi is None else (prefix, hi)
+        ranges: list[str] = []
+        args_tail: list[bytes] = []
+        for prefix in prefixes:  # disjoint ranges (check_prefixes merged the overlapping ones)
+            hi = prefix_range_end(prefix)
+            ranges.append("key >= ?" if hi is None else "(key >= ? AND key < ?)")
+            args_tail.extend([prefix] if hi is None else [prefix, hi])
+        where = f"(rev, seq) > (?, ?) AND ({' OR '.join(ranges)})"
         q = f"SELECT rev, seq, kind, key, value FROM events WHERE {where} ORDER BY rev, seq LIMIT ?"
         while not stop.is_set():
             seen = self._notifier.generation()
@@ -549,7 +556,7 @@ class SqliteStore(StoreBase):
             if len(rows) == _WATCH_BATCH:
                 continue
             # That snapshot held everything up to `current`, and all of it has been delivered:
-            # skip past it so the next poll does not rescan events outside the prefix.
+            # skip past it so the next poll does not rescan events outside the prefixes.
             if (current + 1, -1) > (rev, seq):
                 rev, seq = current + 1, -1
             self._notifier.wait(seen, _WATCH_POLL_S)
