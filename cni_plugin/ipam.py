@@ -101,6 +101,12 @@ class IpamPort(Protocol):
         """The cluster pod network (what masquerade leaves alone)."""
         ...
 
+    @property
+    def pod_mtu(self) -> int:
+        """The MTU a pod's interface gets when the netconf sets none: the node's network knows
+        its encapsulation (vxlan: the underlay's minus 50). 0: the kernel's default."""
+        ...
+
     def allocate(self, request: AddressRequest) -> AssignedAddress: ...
 
     def release(self, network: str, container_id: str, ifname: str) -> None:

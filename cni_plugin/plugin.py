@@ -245,7 +245,7 @@ class MoorPlugin:
             req.ifname,
             req.netns_fd,  # type: ignore[arg-type]  # checked by _require_netns
             bridge.index,
-            mtu=req.conf.mtu,
+            mtu=req.conf.mtu or self.ipam.pod_mtu,
             mac=req.conf.mac or req.args.mac or None,
             hairpin=req.conf.hairpin_mode,
             alias=self._kernel_record(req, alloc),

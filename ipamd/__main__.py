@@ -20,6 +20,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     from ipamd.daemon import Daemon  # heavy imports (pyroute2, grpc) only once the config is good
 
+    # pyroute2 resets its logger on import; its debug output is every netlink message in full
+    logging.getLogger("pyroute2").setLevel(max(logging.INFO, logging.root.level))
+
     daemon = Daemon(cfg)
     try:
         daemon.start()

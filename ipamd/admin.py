@@ -56,6 +56,8 @@ def usage_pb(u: SubnetUsage) -> ipam_pb2.SubnetUsage:
         public_ip=lease.public_ip,
         since=lease.since,
         backend_json=json.dumps(lease.backend, separators=(",", ":")),
+        route_state=u.route.state,
+        route_reason=u.route.reason,
         total=u.total,
         reserved=u.reserved,
         allocated=u.allocated,

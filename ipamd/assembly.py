@@ -32,6 +32,7 @@ from ipamd.node import GarbageReport, NodeIpam
 from ipamd.node_state import NodeStateFile
 from ipamd.ops import NO_NETWORK
 from ipamd.pool import PoolStatus
+from ipamd.routing.lease_watch import LeaseWatcher
 from ipamd.store.base import Store
 from ipamd.store.keys import Keys
 from ipamd.sync import StoreFollower
@@ -76,6 +77,8 @@ class NodeParts:
     guard: StoreGuard
     follower: StoreFollower
     revision: int  # the allocator was loaded at it: the follower watches from the next one
+    lease_watcher: LeaseWatcher
+    lease_revision: int  # the lease listing's: the lease watcher watches after it
 
 
 def assemble_node(
@@ -145,7 +148,23 @@ def assemble_node(
         on_restart=metrics.count_watch_restart,
     )
     leases.on_subnets_changed = follower.subnets_changed  # its watch follows the node's subnets
-    return NodeParts(ipam, leases, allocator, guard, follower, revision)
+
+    def saw_lease_event(revision: int) -> None:
+        guard.saw_revision(revision)
+        metrics.count_watch_event("subnet")
+
+    lease_watcher = LeaseWatcher(
+        store,
+        keys,
+        cfg.node_name,
+        on_own_deleted=leases.observe_deleted,
+        on_revision=saw_lease_event,
+        on_relist=lambda: metrics.count_watch_restart("error"),
+    )
+    lease_revision = lease_watcher.load()
+    return NodeParts(
+        ipam, leases, allocator, guard, follower, revision, lease_watcher, lease_revision
+    )
 
 
 class AwaitingNetwork:

@@ -125,8 +125,7 @@ def _config_dict(c: Any) -> dict[str, Any]:
         "subnetMax": c.subnet_max,
         "fixedRanges": list(c.fixed_ranges),
         "backend": c.backend,
-        "vni": c.vni,
-        "vxlanPort": c.vxlan_port,
+        **({"vni": c.vni, "vxlanPort": c.vxlan_port} if c.backend == "vxlan" else {}),
         "clusterID": c.cluster_id,
     }
 
@@ -165,7 +164,11 @@ def render_config(c: dict[str, Any]) -> str:
         ["subnet-max", c["subnetMax"] or "-"],
         ["fixed-ranges", ", ".join(c["fixedRanges"]) or "-"],
         ["backend", c["backend"]],
-        *([["vni", str(c["vni"])], ["vxlan-port", str(c["vxlanPort"])]] if c["backend"] == "vxlan" else []),
+        *(
+            [["vni", str(c["vni"])], ["vxlan-port", str(c["vxlanPort"])]]
+            if c["backend"] == "vxlan"
+            else []
+        ),
         ["cluster-id", c["clusterID"] or "-"],
     ]
     return "\n".join(f"{k:<13} {v}" for k, v in rows)
@@ -189,6 +192,7 @@ def _usage_dict(u: Any) -> dict[str, Any]:
         "allocated": u.allocated,
         "cooling": u.cooling,
         "free": u.free,
+        "route": {"state": u.route_state, "reason": u.route_reason},
     }
 
 
@@ -202,7 +206,7 @@ def _subnets(channel: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def render_subnets(subnets: list[dict[str, Any]], *, reserved: bool = False) -> str:
-    headers = ["SUBNET", "NODE", "PUBLIC IP", "SINCE", "USED", "FREE", "COOLING"]
+    headers = ["SUBNET", "NODE", "PUBLIC IP", "SINCE", "USED", "FREE", "COOLING", "ROUTE"]
     if reserved:
         headers.append("RESERVED")
     rows = []
@@ -215,9 +219,15 @@ def render_subnets(subnets: list[dict[str, Any]], *, reserved: bool = False) -> 
             str(s["allocated"]),
             str(s["free"]),
             str(s["cooling"]),
+            s["route"]["state"] or "-",
         ]
         rows.append([*row, str(s["reserved"])] if reserved else row)
-    return table(headers, rows)
+    notes = [
+        f"{s['subnet']} {s['route']['state']}: {s['route']['reason']}"
+        for s in subnets
+        if s["route"]["reason"]
+    ]
+    return "\n".join([table(headers, rows), *notes])
 
 
 def _utilization(channel: Any, args: argparse.Namespace) -> dict[str, Any]:

@@ -47,12 +47,17 @@ def assigned(alloc: Allocation, existed: bool = False) -> AssignedAddress:
 class NodeIpamPort:
     """What MoorPlugin holds. `ipam` may be swapped (the daemon adopts its network config late)."""
 
-    def __init__(self, ipam: NodeIpam) -> None:
+    def __init__(self, ipam: NodeIpam, pod_mtu: Callable[[], int] = lambda: 0) -> None:
         self.ipam = ipam
+        self._pod_mtu = pod_mtu  # the routing backend's, once the node routes
 
     @property
     def network(self) -> IPNetwork:
         return self.ipam.network
+
+    @property
+    def pod_mtu(self) -> int:
+        return self._pod_mtu()
 
     def allocate(self, request: AddressRequest) -> AssignedAddress:
         with port_errors():

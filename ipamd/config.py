@@ -50,6 +50,7 @@ class DaemonConfig:
     etcd_keyfile: str = ""
     request_deadline: float = 5.0
     store_grace: float = 30.0
+    reconcile_interval: float = 10.0
     enable_fault_injection: bool = False
 
     def validate(self) -> None:
@@ -72,6 +73,8 @@ class DaemonConfig:
                 f"--request-deadline must be > 0 and at most {MAX_REQUEST_DEADLINE:g} (bin/moor"
                 " waits 30 s for a reply), --store-grace >= 0"
             )
+        if not 0 < self.reconcile_interval <= 3600:
+            raise ValueError("--reconcile-interval must be > 0 and at most 3600 seconds")
         if bool(self.etcd_certfile) != bool(self.etcd_keyfile):
             raise ValueError("--etcd-certfile and --etcd-keyfile go together (mTLS)")
         for name in ("etcd_cafile", "etcd_certfile", "etcd_keyfile"):
@@ -148,6 +151,7 @@ HELP = {
     "etcd_keyfile": "client key for etcd mTLS",
     "request_deadline": "seconds from accepting a CNI request to its reply; past it, code 11",
     "store_grace": "seconds the store may be unreachable before STATUS/health say not ready",
+    "reconcile_interval": "seconds between full reconciles of the routes to other nodes",
     "enable_fault_injection": argparse.SUPPRESS,  # tests only: see ipamd.daemon.fault_hook
 }
 

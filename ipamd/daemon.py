@@ -36,9 +36,12 @@ from ipamd.config import DaemonConfig
 from ipamd.grpc_gate import GrpcGate
 from ipamd.leakgc import LeakCollector
 from ipamd.metrics import Metrics
+from ipamd.model import IPNetwork
 from ipamd.network_config import NetworkConfig
 from ipamd.node import NodeIpam
 from ipamd.ops import NO_NETWORK, ClusterOps
+from ipamd.routing.node_routing import NodeRouting
+from ipamd.routing.peers import RouteState
 from ipamd.server import GrpcServer
 from ipamd.service import IpamServicer
 from ipamd.spool import replay_spool
@@ -106,12 +109,13 @@ class Daemon:
             node=cfg.node_name,
             cooldown=cfg.cooldown,
             local=lambda: getattr(self, "allocator", None),
+            route_states=self._route_states,
         )
         self.locks = AttachmentLocks()  # one per daemon: CNI verbs, gRPC, replays, GC
         self.ipam = self._initial_ipam()
         self.reaper = HostVethReaper()
         self.plugin = MoorPlugin(
-            NodeIpamPort(self.ipam),  # type: ignore[arg-type]  # IpamSwitch stands in for NodeIpam
+            NodeIpamPort(self.ipam, self._pod_mtu),  # type: ignore[arg-type]  # IpamSwitch stands in
             MasqueradeRules(cfg.masq_chain),
             own_netns_inode=os.stat("/proc/self/ns/net").st_ino,
             node=cfg.node_name,
@@ -171,8 +175,22 @@ class Daemon:
         self.leases, self.allocator, self.guard = node.leases, node.allocator, node.guard
         node.leases.start_renewal()
         self._spawn("store-follower", lambda: node.follower.run(node.revision + 1))
+        self.routing = NodeRouting.build(
+            node.leases, self.public_ip, interval=self.cfg.reconcile_interval, metrics=self.metrics
+        )
+        if self.routing is not None:  # routes to the other nodes are in place before ready
+            self.routing.start(node.lease_watcher, self._stop, self._spawn)
+        self._spawn("lease-watch", lambda: node.lease_watcher.run(node.lease_revision, self._stop))
         self.metrics.track(node.ipam)
         return node.ipam
+
+    def _route_states(self) -> dict[IPNetwork, RouteState]:
+        routing = getattr(self, "routing", None)
+        return routing.states() if routing is not None else {}
+
+    def _pod_mtu(self) -> int:
+        routing = getattr(self, "routing", None)
+        return routing.pod_mtu if routing is not None else 0
 
     @property
     def awaiting_network(self) -> bool:
@@ -270,6 +288,8 @@ class Daemon:
                 obj.stop()
         if getattr(self, "leases", None) is not None:
             self.leases.stop()
+        if getattr(self, "routing", None) is not None:
+            self.routing.stop()
         if getattr(self, "store", None) is not None:
             self.store.close()
 

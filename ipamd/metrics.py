@@ -134,6 +134,21 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
+        self.route_reconciles = Counter(
+            "moor_route_reconciles",
+            "Runs of the route reconcile (routes, neighbours, FDB entries to other nodes), by "
+            "result: ok or failed (retried within a second).",
+            ["result"],
+            registry=self.registry,
+        )
+        self.route_reconcile_seconds = Histogram(
+            "moor_route_reconcile_seconds",
+            "Wall time of one route reconcile run.",
+            buckets=(0.001, 0.005, 0.02, 0.1, 0.5, 2.0, 10.0),
+            registry=self.registry,
+        )
+        for result in ("ok", "failed"):
+            self.route_reconciles.labels(result)
         for reason in FAILURE_REASONS:
             self.allocation_failures.labels(reason)
         for key in WATCH_KEYS:
@@ -196,6 +211,10 @@ class Metrics:
 
     def count_conflict(self, kind: str, _sentence: str = "") -> None:
         self.store_conflicts.labels(kind if kind in CONFLICT_KINDS else "other").inc()
+
+    def observe_reconcile(self, seconds: float, ok: bool) -> None:
+        self.route_reconciles.labels("ok" if ok else "failed").inc()
+        self.route_reconcile_seconds.observe(seconds)
 
     def count_watch_event(self, key: str) -> None:
         self.store_watch_events.labels(key if key in WATCH_KEYS else "other").inc()

@@ -14,16 +14,17 @@ import ipaddress
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from ipamd.allocator import NodeAllocator
 from ipamd.errors import ConfigMismatch, Conflict, NotFound, Refused
-from ipamd.model import Allocation, IPAddress, SubnetLease
+from ipamd.model import Allocation, IPAddress, IPNetwork, SubnetLease
 from ipamd.network_config import NetworkConfig
 from ipamd.node_removal import NodeRemoval, remove_node
 from ipamd.records import SubnetIndex, ip_records, records
 from ipamd.release import free_ip_ops, release_handle
+from ipamd.routing.peers import RouteState
 from ipamd.store.base import Compare, Delete, KeyValue, Store
 from ipamd.store.keys import Keys
 
@@ -41,6 +42,7 @@ class SubnetUsage:
     lease: SubnetLease
     allocated: int
     cooling: int
+    route: RouteState = RouteState("")  # as the serving node sees it; "" when it routes nothing
 
     @property
     def total(self) -> int:
@@ -74,15 +76,18 @@ class ClusterOps:
         node: str = "",
         cooldown: float = 60.0,
         local: Callable[[], NodeAllocator | None] = lambda: None,
+        route_states: Callable[[], Mapping[IPNetwork, RouteState]] = dict,
         clock: Callable[[], float] = time.time,
     ) -> None:
         """`node` is the serving daemon's node (never removed; recorded as who released);
-        `local` gives its allocator once it has one, for releases in its own subnets."""
+        `local` gives its allocator once it has one, for releases in its own subnets;
+        `route_states` its routing's view of each subnet."""
         self.store = store
         self.keys = keys
         self.node = node
         self.cooldown = cooldown
         self.local = local
+        self.route_states = route_states
         self.clock = clock
 
     # ---- network config ------------------------------------------------------------------------
@@ -184,8 +189,15 @@ class ClusterOps:
             subnet = index.find(ip) if ip is not None else None
             if subnet is not None and now - _released_at(kv) < self.cooldown:
                 cooling[subnet] += 1
+        routes = self.route_states()
         usage = [
-            SubnetUsage(lease, allocated[lease.subnet], cooling[lease.subnet]) for lease in leases
+            SubnetUsage(
+                lease,
+                allocated[lease.subnet],
+                cooling[lease.subnet],
+                routes.get(lease.subnet, RouteState("")),
+            )
+            for lease in leases
         ]
         return usage, total
 

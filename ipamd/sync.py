@@ -1,12 +1,14 @@
-"""Follow the store: changes other daemons or moorctl make to this node's IPs and subnet leases.
+"""Follow the store: changes other daemons or moorctl make to this node's IP records.
 
 The allocator keeps its free set in memory (an allocation is one round trip, not a scan), so a
 release done elsewhere — `moorctl release`, `moorctl node remove` through another node's daemon —
 must reach that memory, or the IP stays "used" here until a restart.
 
 Scope: one watch stream over this node's part of the store only (`watched_prefixes`): the IP
-records of its own subnets, and the subnet leases. A watch on the whole key prefix would bring
-every daemon every pod change of the cluster, a fan-out that grows with nodes x churn.
+records of its own subnets. A watch on the whole key prefix would bring every daemon every pod
+change of the cluster, a fan-out that grows with nodes x churn. The subnet leases (every node's:
+the routes need them) have their own watcher, `routing/lease_watch.py`, which also reports a
+vanished lease of this node's to the lease manager.
 
 Re-sync: when the watch breaks (store unreachable, history compacted, etcd restarted) the store
 guard first compares this node's memory with the store, so that records the store lost are put
@@ -76,12 +78,8 @@ class StoreFollower:
         self._scope: frozenset[IPNetwork] = frozenset()
 
     def watched_prefixes(self, subnets: Iterable[IPNetwork]) -> list[str]:
-        """The one place that says what a node watches: the IP records of its subnets, and (until
-        the cluster-wide lease watcher takes them over) every subnet lease, for `_apply`'s "a
-        subnet of ours was deleted"."""
-        return covering_prefixes(
-            [*(self.keys.ips_prefix_for(s) for s in subnets), self.keys.subnets_prefix()]
-        )
+        """The one place that says what a node watches: the IP records of its subnets."""
+        return covering_prefixes(self.keys.ips_prefix_for(s) for s in subnets)
 
     def subnets_changed(self) -> None:
         """The lease manager's subnets changed: end the watch if it misses one of them."""
@@ -124,7 +122,7 @@ class StoreFollower:
     ) -> str:
         """Apply the watch's events until it is stopped; why it was ("" for the daemon's stop)."""
         events: Iterator[WatchEvent] = iter(())
-        if prefixes:  # empty only once the subnet leases leave this watch and no subnet is held
+        if prefixes:  # empty while the node holds no subnet
             events = self.store.watch_prefixes(prefixes, revision, watch_stop)
         if reason:
             self.on_restart(reason)
@@ -163,11 +161,5 @@ class StoreFollower:
         if ip is not None:
             self.on_event("ip")
             self.allocator.observe(kind, ip)
-            return
-        subnet = self.keys.parse_subnet(key)
-        if subnet is not None:
-            self.on_event("subnet")
-            if kind == "delete":
-                self.leases.observe_deleted(subnet)
             return
         self.on_event("other")

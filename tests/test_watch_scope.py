@@ -26,7 +26,8 @@ from ipamd.allocator import NodeAllocator
 from ipamd.api.v1 import ipam_pb2, ipam_pb2_grpc
 from ipamd.guard import StoreGuard
 from ipamd.leases import SubnetLeaseManager
-from ipamd.model import NetworkConfig, Owner
+from ipamd.model import Owner
+from ipamd.network_config import NetworkConfig
 from ipamd.ops import ClusterOps
 from ipamd.store import Store, open_store
 from ipamd.store.keys import Keys

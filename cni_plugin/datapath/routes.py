@@ -56,7 +56,9 @@ def replace_route(route: RouteMsg) -> None:
 def delete_route(route: RouteMsg) -> bool:
     """Delete one of moor's routes; False when it was already gone. Refuses anything else."""
     if route.proto != MOOR_RTPROTO:
-        raise DatapathError(f"refusing to delete route {route.prefix}: not moor's (proto {route.proto})")
+        raise DatapathError(
+            f"refusing to delete route {route.prefix}: not moor's (proto {route.proto})"
+        )
     try:
         with translate_errors(f"delete route {route.prefix}"):
             host_rtnl().raw(codec.RTM_DELROUTE, codec.pack_route(route))

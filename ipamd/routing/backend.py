@@ -1,0 +1,81 @@
+"""The one interface both routing backends (host-gw, vxlan) implement, and the route planning
+they share.
+
+A backend's `reconcile` is level-triggered and complete: given every remote subnet that should be
+routed now, it reads the kernel, removes what it owns and is not wanted (a peer that left while
+the daemon was down), replaces what differs (a peer's new public IP or MAC) and adds what is
+missing. It owns only objects marked as moor's: routes with protocol `MOOR_RTPROTO`, and the
+permanent neighbour/FDB entries on its own vxlan device. A destination someone else already routes
+is left alone and reported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from cni_plugin.datapath.monitor import Deleted
+from cni_plugin.datapath.routes import MOOR_RTPROTO
+from cni_plugin.datapath.rtnl_codec import RouteMsg
+from ipamd.model import IPNetwork
+from ipamd.routing.peers import RemoteSubnet, RouteState
+
+
+class RoutingBackend(Protocol):
+    name: str
+
+    @property
+    def pod_mtu(self) -> int:
+        """The MTU pods get when netconf sets none: the underlay minus the encapsulation."""
+        ...
+
+    def reconcile(self, remotes: Sequence[RemoteSubnet]) -> dict[IPNetwork, RouteState]:
+        """Make the kernel match `remotes` (see the module docstring); a state per subnet."""
+        ...
+
+    def wants(self, deleted: Deleted) -> bool:
+        """Is this kernel deletion one of ours (so the reconcile should run now)?"""
+        ...
+
+
+@dataclass
+class RoutePlan:
+    stale: list[RouteMsg] = field(default_factory=list)  # ours, not wanted or different
+    missing: list[RouteMsg] = field(default_factory=list)  # wanted, absent or different
+    taken: dict[str, RouteMsg] = field(default_factory=dict)  # prefix routed by someone else
+
+
+def plan_routes(desired: Mapping[str, RouteMsg], table: Sequence[RouteMsg]) -> RoutePlan:
+    """Compare wanted routes (by prefix) with the main table. Only metric-0 routes can collide
+    with ours (the kernel keys a route by prefix and metric), so those are the ones checked."""
+    plan = RoutePlan()
+    present: dict[str, RouteMsg] = {}
+    for route in table:
+        if route.proto == MOOR_RTPROTO:
+            want = desired.get(route.prefix)
+            if want is None or want.priority != route.priority or route.prefix in present:
+                plan.stale.append(route)  # a REPLACE would not reach it: delete
+            elif _same(want, route):
+                present[route.prefix] = route
+            # else: different next hop, same key: the REPLACE of `missing` changes it in place
+        elif route.priority == 0 and route.prefix in desired:
+            plan.taken[route.prefix] = route
+    for prefix, want in desired.items():
+        if prefix not in present and prefix not in plan.taken:
+            plan.missing.append(want)
+    return plan
+
+
+def _same(want: RouteMsg, have: RouteMsg) -> bool:
+    return (want.gateway, want.oif, want.onlink, want.priority) == (
+        have.gateway,
+        have.oif,
+        have.onlink,
+        have.priority,
+    )
+
+
+def taken_reason(route: RouteMsg) -> str:
+    via = f" via {route.gateway}" if route.gateway else ""
+    return f"{route.prefix} is already routed{via} by another owner (protocol {route.proto})"
