@@ -259,12 +259,12 @@ class Cluster:
         except OSError:
             return ""
 
-    def dump_logs(self, tail: int = 3000) -> None:
+    def dump_logs(self, lines: int = 40) -> None:
+        """The last `lines` of each daemon's log (pyroute2's debug chatter left out) and etcd's."""
         for name in self.nodes:
-            print(
-                f"---- {name} moor-ipamd log (tail) ----\n{self.log(name)[-tail:]}", file=sys.stderr
-            )
-        print(f"---- etcd log (tail) ----\n{self.etcd.log_tail(tail)}", file=sys.stderr)
+            own = [line for line in self.log(name).splitlines() if " pyroute2." not in line]
+            print(f"---- {name} moor-ipamd log ----", *own[-lines:], sep="\n", file=sys.stderr)
+        print(f"---- etcd log ----\n{self.etcd.log_tail()}", file=sys.stderr)
 
     # ---- etcd ----------------------------------------------------------------------------
     def etcdctl(self, *args: str) -> str:
