@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import pytest
 from tests.conftest import require
 from tests.helpers import etcd, oracle
 from tests.helpers.cluster import Cluster
-from tests.helpers.traffic import ECHO_PORT, Probe, matrix, probe, unexpected
+from tests.helpers.traffic import ECHO_PORT, Probe, iperf3_throughput, matrix, probe, unexpected
 from tests.helpers.underlay import OUTSIDE, ROUTED, ROUTER_IP, UNDERLAY
 
 pytestmark = [pytest.mark.root, pytest.mark.netns]
@@ -31,6 +32,7 @@ pytestmark = [pytest.mark.root, pytest.mark.netns]
 def tools() -> None:
     ok, why = etcd.available()
     require(ok, why)
+    require(shutil.which("iperf3") is not None, "iperf3 missing (`make apt` installs it)")
 
 
 def host_links() -> set[str]:
@@ -103,6 +105,9 @@ def test_host_gw_cluster_by_hand() -> None:
         assert unexpected(matrix(every, every), pod_ip) == []
         tcp = probe(pods[0].name, [Probe(pods[-1].ip, proto="tcp", size=100_000)])[0]
         assert (tcp.ok, tcp.src, tcp.length) == (True, pods[0].ip, 100_000), tcp
+        # The bench's tool: iperf3 between pods on two nodes gives a figure (its size is the
+        # bench's business, not a test's).
+        assert iperf3_throughput(pods[0].name, pods[-1].name, pods[-1].ip, seconds=1) > 0
 
         # Egress to outside: masqueraded to the node's address; outside cannot route to pods.
         out = [(c.underlay.outside, f"{OUTSIDE}.2")]
