@@ -116,6 +116,17 @@ def test_host_gw_cluster_by_hand() -> None:
         assert not any(
             r.get("dst", "").startswith("10.") for r in oracle.routes(c.underlay.outside)
         )
+
+        def allocated(node: str) -> set[str]:
+            status = c.status(node)
+            assert status is not None
+            return {a["ip"].split("/")[0] for a in status["allocations"]}
+
+        gone = pods[0]  # DEL through the same exec path frees the IP on its node
+        assert gone.ip in allocated(gone.node)
+        c.delete_pod(gone)
+        assert gone.ip not in allocated(gone.node)
+        assert not oracle.netns_exists(gone.name)
     assert_nothing_left(c, links_before)
 
 

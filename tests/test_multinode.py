@@ -221,9 +221,7 @@ def test_lease_change_during_a_compacted_watch_gap(backend: str) -> None:
         converge(c, list(leases.values()), list(c.nodes))
         c.signal("n1", signal.SIGSTOP)
         try:
-            c.etcd.stop()
-            c.etcd.start()
-            c.processes.append(c.etcd.proc)  # type: ignore[arg-type]
+            c.restart_store()
             c.stop("n2")
             c.set_public_ip("n2", f"{UNDERLAY}.22")
             c.start("n2")

@@ -83,6 +83,7 @@ class Cluster:
         self.init_network = init_network
         self.underlay = Underlay(self.prefix, nodes, routed)
         self.workdir = Path(tempfile.gettempdir()) / self.prefix  # made by build()
+        self._own_workdir = False  # only a dir this cluster made is removed
         self.etcd = EtcdServer(self.workdir / "etcd", name=self.prefix, client_port=2379,
                                peer_port=2380, host=INFRA_IP, netns=self.underlay.infra)  # fmt: skip
         self.nodes: dict[str, Node] = {}
@@ -110,6 +111,7 @@ class Cluster:
 
     def build(self) -> None:
         self.workdir.mkdir(mode=0o700)
+        self._own_workdir = True
         self.underlay.build()
         self.etcd.start()
         self.processes.append(self.etcd.proc)  # type: ignore[arg-type]
@@ -131,7 +133,7 @@ class Cluster:
             self._stop_daemons,
             self.etcd.stop,
             self.underlay.destroy,
-            lambda: shutil.rmtree(self.workdir, ignore_errors=True),
+            lambda: self._own_workdir and shutil.rmtree(self.workdir, ignore_errors=True),
         ]
         for step in steps:
             try:
@@ -231,7 +233,7 @@ class Cluster:
         """Until every named node's status says ready; RuntimeError naming the ones that don't."""
 
         def one(name: str) -> str:
-            deadline = time.monotonic() + timeout
+            deadline, status = time.monotonic() + timeout, None
             while time.monotonic() < deadline:
                 proc = self.nodes[name].daemon.proc
                 if proc is None or proc.poll() is not None:
@@ -267,6 +269,12 @@ class Cluster:
         print(f"---- etcd log ----\n{self.etcd.log_tail()}", file=sys.stderr)
 
     # ---- etcd ----------------------------------------------------------------------------
+    def restart_store(self) -> None:
+        """Stop etcd and start it again on the same data: every client's streams break."""
+        self.etcd.stop()
+        self.etcd.start()
+        self.processes.append(self.etcd.proc)  # type: ignore[arg-type]
+
     def etcdctl(self, *args: str) -> str:
         return self.etcd.etcdctl(*args)
 
