@@ -28,8 +28,8 @@ from tests.helpers.underlay import OUTSIDE, ROUTED, ROUTER_IP, UNDERLAY
 pytestmark = [pytest.mark.root, pytest.mark.netns]
 
 
-@pytest.fixture(autouse=True)
-def tools() -> None:
+@pytest.fixture(scope="module", autouse=True)
+def tools() -> None:  # module scope: before the module's shared cluster is built
     ok, why = etcd.available()
     require(ok, why)
     require(shutil.which("iperf3") is not None, "iperf3 missing (`make apt` installs it)")

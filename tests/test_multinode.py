@@ -34,8 +34,8 @@ LONG = 600.0  # a reconcile interval no test waits for: only the watch or the st
 TTL = 3.0  # --lease-ttl where a lease must expire
 
 
-@pytest.fixture(autouse=True)
-def tools() -> None:
+@pytest.fixture(scope="module", autouse=True)
+def tools() -> None:  # module scope: before the module's shared cluster is built
     ok, why = etcd.available()
     require(ok, why)
 
@@ -154,7 +154,8 @@ def test_peer_restarts_with_a_new_public_ip(backend: str) -> None:
         converge(c, list(before.values()), list(c.nodes))
         c.stop("n2")
         if backend == "vxlan":  # a reboot: the device is gone too, and must come back the same
-            subprocess.run(["ip", "-n", c.nodes["n2"].netns, "link", "del", device(1)], check=True)
+            subprocess.run(["ip", "-n", c.nodes["n2"].netns, "link", "del", device(1)])
+            assert oracle.link(device(1), c.nodes["n2"].netns) is None
         c.set_public_ip("n2", f"{UNDERLAY}.22")
         c.start("n2")
         after = {**before, "n2": before["n2"].moved(f"{UNDERLAY}.22")}  # same subnet, same MAC

@@ -158,9 +158,9 @@ class Cluster:
     def _args(self, node: Node) -> list[str]:
         args = ["--public-ip", node.public_ip]
         if self.reconcile_interval is not None:
-            args += ["--reconcile-interval", str(self.reconcile_interval)]
+            args += ["--reconcile-interval", f"{self.reconcile_interval:g}"]
         if self.lease_ttl is not None:
-            args += ["--lease-ttl", str(self.lease_ttl)]
+            args += ["--lease-ttl", f"{self.lease_ttl:g}"]
         return [*args, *self.daemon_args]
 
     def start(self, *names: str, wait: bool = True) -> None:
