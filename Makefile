@@ -6,10 +6,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SYSTEM_PYTHON := /usr/bin/python3
 APT_PACKAGES := python3-venv containernetworking-plugins etcd-server etcd-client golang-go openssl \
-	golang-github-appc-cni-dev iptables iproute2
+	golang-github-appc-cni-dev iptables iproute2 iperf3
 PROTO := ipamd/api/v1/ipam.proto
 CNIDRV := tests/cnidrv/cnidrv
 STORE ?= sqlite
+CLUSTER ?=
+BACKEND ?=
 
 .PHONY: deps apt venv cnidrv test lint fmt proto proto-check demo bench clean
 
@@ -59,7 +61,7 @@ test: deps lint proto-check
 	$(PY) -m pytest
 
 demo: deps
-	$(PY) -m demo --store $(STORE)
+	$(PY) -m demo --store $(STORE) $(if $(CLUSTER),--cluster $(CLUSTER)) $(if $(BACKEND),--backend $(BACKEND))
 
 bench: deps
 	$(PY) -m bench

@@ -1,4 +1,5 @@
 """`make demo [STORE=etcd]`: one node end to end, then everything torn down.
+(`make demo CLUSTER=3 [BACKEND=vxlan]` runs a simulated multi-node cluster instead: demo/cluster.py.)
 
 moor-ipamd on the embedded store (or, with `--store etcd`, on a local etcd started in the demo's
 temp dir on random loopback ports); three pod netns networked through bin/moor by the real libcni
@@ -55,11 +56,22 @@ def sh(*args: str, check: bool = True, **kw: object) -> subprocess.CompletedProc
 def main() -> int:
     parser = argparse.ArgumentParser(prog="make demo")
     parser.add_argument("--store", default="sqlite", choices=["sqlite", "etcd"])
+    parser.add_argument(
+        "--cluster", type=int, default=0, metavar="N", help="N simulated nodes (always on etcd)"
+    )
+    parser.add_argument("--backend", default="host-gw", choices=["host-gw", "vxlan"])
     opts = parser.parse_args()
     if os.geteuid() != 0:
         print("make demo needs root (network namespaces, a bridge, iptables)")
         return 1
     sys.path.insert(0, str(REPO))
+    if opts.cluster:
+        if not 2 <= opts.cluster <= 9:
+            print("make demo CLUSTER=N: N from 2 to 9")
+            return 1
+        from demo.cluster import run
+
+        return run(opts.cluster, opts.backend)
     from tests.helpers import cnidrv, etcd
 
     if opts.store == "etcd":

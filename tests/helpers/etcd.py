@@ -1,7 +1,9 @@
 """A real etcd (Debian's etcd-server) on random loopback ports in a temp dir, for tests and bench.
 
 Started and stopped by PID; `stop()` then `start()` again keeps the data dir, which is how the
-outage tests take etcd away and bring it back.
+outage tests take etcd away and bring it back. With `netns` set, etcd and every etcdctl run
+inside that network namespace (`ip netns exec`, which execs, so the PID is still etcd's) and
+listen on `host` there: the simulated cluster (tests/helpers/cluster.py) runs it that way.
 """
 
 from __future__ import annotations
@@ -72,10 +74,15 @@ class EtcdServer:
     peer_port: int = field(default_factory=free_port)
     tls: TlsFiles | None = None  # serve clients over TLS, requiring client certificates
     proc: subprocess.Popen | None = None
+    host: str = "127.0.0.1"  # the address it listens on (inside `netns` when that is set)
+    netns: str = ""  # run etcd and etcdctl inside this network namespace
 
     @property
     def endpoint(self) -> str:
-        return f"127.0.0.1:{self.client_port}"
+        return f"{self.host}:{self.client_port}"
+
+    def _in_netns(self, argv: list[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.netns, *argv] if self.netns else argv
 
     @property
     def url(self) -> str:
@@ -85,8 +92,8 @@ class EtcdServer:
     def start(self, timeout: float = 20.0) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         scheme = "https" if self.tls else "http"
-        client = f"{scheme}://127.0.0.1:{self.client_port}"
-        peer = f"http://127.0.0.1:{self.peer_port}"
+        client = f"{scheme}://{self.host}:{self.client_port}"
+        peer = f"http://{self.host}:{self.peer_port}"
         argv = [
             ETCD_BINARY,
             "--name", self.name,
@@ -108,7 +115,7 @@ class EtcdServer:
                 "--client-cert-auth",
             ]  # fmt: skip
         with open(self.workdir / "etcd.log", "ab") as log:
-            self.proc = self.spawn(argv, log)
+            self.proc = self.spawn(self._in_netns(argv), log)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -134,7 +141,7 @@ class EtcdServer:
                 f"--cert={self.tls.client_cert}",
                 f"--key={self.tls.client_key}",
             ]
-        return argv
+        return self._in_netns(argv)
 
     def healthy(self) -> bool:
         env = {**os.environ, "ETCDCTL_API": "3"}
@@ -184,7 +191,7 @@ class EtcdServer:
         self.stop()
         shutil.rmtree(self.workdir / "data", ignore_errors=True)
         env = {**os.environ, "ETCDCTL_API": "3"}
-        peer = f"http://127.0.0.1:{self.peer_port}"
+        peer = f"http://{self.host}:{self.peer_port}"
         subprocess.run(
             [
                 "etcdctl",

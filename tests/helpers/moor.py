@@ -1,7 +1,8 @@
 """Test harness for the real thing: a moor-ipamd subprocess, real netns, and two CNI runtimes.
 
 - `Daemon` starts `python -m ipamd` with its own sockets, SQLite store, spool, bridge, network and
-  masquerade chain, so several can run side by side (one per simulated node).
+  masquerade chain, so several can run side by side (one per simulated node); with `netns` set it
+  runs inside that network namespace (tests/helpers/cluster.py's nodes).
 - `ExecRuntime` execs bin/moor directly with CNI_* env and stdin, and keeps results the way libcni
   does, so CHECK and DEL get the ADD result as prevResult.
 - `LibcniRuntime` goes through the Go libcni driver (tests/cnidrv), the real runtime library.
@@ -91,6 +92,9 @@ class Daemon:
     key_prefix: str = "/moor"
     metrics_port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
+    # Run under `ip netns exec NETNS` (it execs, so `proc.pid` is the daemon's): its bridge,
+    # routes and masquerade chain are then that netns's, and its sockets are still plain files.
+    netns: str = ""
 
     @property
     def cni_socket(self) -> str:
@@ -118,6 +122,7 @@ class Daemon:
 
     def argv(self) -> list[str]:
         return [
+            *(["ip", "netns", "exec", self.netns] if self.netns else []),
             sys.executable,
             "-m",
             "ipamd",
@@ -152,9 +157,18 @@ class Daemon:
         ]
 
     def start(self, timeout: float = 15.0) -> None:
+        self.spawn()
+        self.wait_started(timeout)
+
+    def spawn(self) -> None:
+        """Start the process and return at once (several nodes then start side by side)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the process
-        self.proc = subprocess.Popen(self.argv(), cwd=REPO, stdout=log, stderr=log)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.argv(), cwd=REPO, stdout=log, stderr=log)
+
+    def wait_started(self, timeout: float = 15.0) -> None:
+        """Until both sockets exist; RuntimeError with the log when it exits or takes too long."""
+        assert self.proc is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -179,6 +193,8 @@ class Daemon:
     def cleanup_host(self) -> None:
         """Remove what this daemon's node left on the host: bridge, masquerade chain."""
         self.stop()
+        if self.netns:
+            return  # they are in its netns, which goes with the cluster
         run_cmd("ip", "link", "del", self.bridge, check=False)
         with contextlib.suppress(Exception):
             from cni_plugin.datapath.masq import MasqueradeRules

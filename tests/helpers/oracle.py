@@ -121,3 +121,28 @@ def ipv4_networks_in_use(netns: str | None = None) -> list[str]:
         if route.get("gateway"):
             nets.append(f"{route['gateway']}/32")
     return nets
+
+
+MOOR_RTPROTO = 109  # the routing protocol number on every route moor installs (issue 13)
+
+
+def moor_routes(netns: str | None = None) -> list[dict[str, Any]]:
+    """`ip -j route show proto 109`: the IPv4 routes moor owns."""
+    return ip_json("-4", "route", "show", "proto", str(MOOR_RTPROTO), netns=netns)
+
+
+def _json_or_empty(argv: list[str]) -> list[dict[str, Any]]:
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    return json.loads(proc.stdout) if proc.returncode == 0 and proc.stdout.strip() else []
+
+
+def neighbours(dev: str, netns: str | None = None) -> list[dict[str, Any]]:
+    """`ip -j -4 neigh show dev DEV` ([] when DEV does not exist)."""
+    ns = ["-n", netns] if netns else []
+    return _json_or_empty(["ip", *ns, "-j", "-4", "neigh", "show", "dev", dev])
+
+
+def fdb(dev: str, netns: str | None = None) -> list[dict[str, Any]]:
+    """`bridge -j fdb show dev DEV` ([] when DEV does not exist)."""
+    ns = ["-n", netns] if netns else []
+    return _json_or_empty(["bridge", *ns, "-j", "fdb", "show", "dev", dev])
