@@ -80,7 +80,7 @@ class NodeAllocator:
         """Pools and the handle index of `subnets`, from their records in the store."""
         pools = {s: SubnetPool(s) for s in subnets}
         by_handle: dict[tuple[str, str, str], Allocation] = {}
-        for kv in self._list_subnets(self.keys.ips_prefix_for, subnets):
+        for kv in self._list_subnets(self.keys.ips_prefix_for, subnets, pools):
             ip = self.keys.parse_ip(kv.key)
             pool = self._pool_for(ip, pools) if ip is not None else None
             if ip is None or pool is None:
@@ -117,15 +117,22 @@ class NodeAllocator:
                     )
 
     def _list_subnets(
-        self, prefix_for: Callable[[IPNetwork], str], subnets: list[IPNetwork]
+        self,
+        prefix_for: Callable[[IPNetwork], str],
+        subnets: list[IPNetwork],
+        pools: dict[IPNetwork, SubnetPool] | None = None,
     ) -> list[KeyValue]:
         """Records under the key prefixes covering `subnets`: this node's part of the cluster's
-        state, not all of it (callers still filter by subnet membership)."""
-        return [
-            kv
-            for prefix in covering_prefixes(prefix_for(subnet) for subnet in subnets)
-            for kv in self.store.list_prefix(prefix)[0]
-        ]
+        state, not all of it (callers still filter by subnet membership). Each of `pools` learns
+        the revision its records were listed at."""
+        found: list[KeyValue] = []
+        for prefix in covering_prefixes(prefix_for(subnet) for subnet in subnets):
+            items, revision = self.store.list_prefix(prefix)
+            found += items
+            for subnet, pool in (pools or {}).items():
+                if prefix_for(subnet).startswith(prefix):
+                    pool.listed_at = revision
+        return found
 
     @staticmethod
     def _pool_for(ip: IPAddress, pools: dict[IPNetwork, SubnetPool]) -> SubnetPool | None:
@@ -317,15 +324,18 @@ class NodeAllocator:
                 pool.pending.discard(ip)
 
     # ---- changes made by others (admin release, node remove) ---------------------------------
-    def observe(self, kind: str, ip: IPAddress) -> None:
+    def observe(self, kind: str, ip: IPAddress, revision: int = 0) -> None:
         """Follow a change of an IP record made elsewhere, so the free set matches the store.
 
         Our own allocations and releases come back here too: an IP that is pending (our txn in
-        flight) is left alone, and the rest is idempotent.
+        flight) is left alone, and the rest is idempotent. A change at or before the revision the
+        pool was listed at is in memory already: after a re-sync the watch replays from before
+        the listing, and replaying an old delete of an IP allocated again since would drop its
+        new holder from memory.
         """
         with self._lock:
             pool = self._pool_for(ip, self._pools)
-            if pool is None or ip in pool.pending:
+            if pool is None or ip in pool.pending or 0 < revision <= pool.listed_at:
                 return
             if kind == "put":
                 pool.used.add(ip)

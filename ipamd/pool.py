@@ -25,6 +25,7 @@ class SubnetPool:
     released: deque[tuple[IPAddress, float]] = field(default_factory=deque)
     released_ips: set[IPAddress] = field(default_factory=set)  # what `released` holds, to test fast
     cursor: int = 0
+    listed_at: int = 0  # store revision of the listing its IP records were read from
 
     def __post_init__(self) -> None:
         self.cursor = self.first

@@ -131,7 +131,7 @@ class StoreFollower:
             watch_stop.wait()  # until the node holds a subnet again, or the daemon stops
         for event in events:
             self.guard.saw_revision(event.revision)
-            self._apply(event.kind, event.key)
+            self._apply(event.kind, event.key, event.revision)
         if self.stop.is_set():
             return ""
         log.info("node %s holds a subnet its store watch was not set up for; re-scoping it",
@@ -156,10 +156,10 @@ class StoreFollower:
         with self._lock:
             self._watch_stop.set()
 
-    def _apply(self, kind: str, key: str) -> None:
+    def _apply(self, kind: str, key: str, revision: int) -> None:
         ip = self.keys.parse_ip(key)
         if ip is not None:
             self.on_event("ip")
-            self.allocator.observe(kind, ip)
+            self.allocator.observe(kind, ip, revision)
             return
         self.on_event("other")

@@ -212,9 +212,11 @@ def node(store: Store, tmp_path: Path) -> Iterator[Node]:
     observed: list[tuple[str, str]] = []
     real_observe = allocator.observe
 
-    def observe(kind: str, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
+    def observe(
+        kind: str, ip: ipaddress.IPv4Address | ipaddress.IPv6Address, revision: int = 0
+    ) -> None:
         observed.append((kind, str(ip)))
-        real_observe(kind, ip)
+        real_observe(kind, ip, revision)
 
     allocator.observe = observe  # type: ignore[method-assign]
     follower = StoreFollower(
@@ -297,3 +299,28 @@ def hooked(node: Node, moment: str, action: Callable[[], None]) -> None:
         node.allocator.load = once(node.allocator.load, before=True)  # type: ignore[method-assign]
     else:
         node.allocator.load = once(node.allocator.load, before=False)  # type: ignore[method-assign]
+
+
+def test_a_replayed_change_from_before_the_listing_is_not_applied_again(
+    store: Store, tmp_path: Path
+) -> None:
+    """After a re-sync the watch replays from the probe revision, before the listing. A delete
+    of an IP that was allocated again before the listing must not drop the new holder from
+    memory; a delete after the listing must."""
+    keys = Keys(unique_prefix())
+    leases = SubnetLeaseManager(
+        store, keys, "mws6", SMALL, ttl=3600, state_file=str(tmp_path / "lease-mws6.json")
+    )
+    leases.ensure_network_config()
+    leases.acquire()
+    allocator = NodeAllocator(store, keys, "mws6", leases, cooldown=0)
+    first, _ = allocator.allocate(Owner("mws", "old", "eth0"))
+    deleted_at = store.revision() + 1
+    allocator.release("mws", "old", "eth0")
+    again, _ = allocator.allocate(Owner("mws", "new", "eth0"), requested=first.ip)
+    assert again.ip == first.ip
+    allocator.load()  # the re-sync's listing: the IP is held by "new"
+    allocator.observe("delete", first.ip, deleted_at)  # the replayed old delete
+    assert allocator.get("mws", "new", "eth0") == again
+    allocator.observe("delete", first.ip, store.revision() + 1)  # a delete after the listing
+    assert allocator.get("mws", "new", "eth0") is None
