@@ -13,6 +13,10 @@ key                                         value / meaning
                                             create_revision)
 ``/moor/removed/<node>``                    removal record: ``moorctl node remove`` removed
                                             the node's subnets on purpose
+``/moor/fixed/10.244.250.7``                fixed-IP binding: identity, source, holder
+                                            generation and node (ipamd/fixed/model.py)
+``/moor/fixed-ids/<namespace|->/<pod>``     index: named identity -> its fixed IP
+``/moor/sticky/<rule>``                     a sticky rule (namespace, pod regex, retention)
 ==========================================  ==================================================
 
 Addresses are written in one canonical text form (IPv4 dotted quad; IPv6 RFC 5952 lower-case
@@ -35,6 +39,8 @@ from cni_plugin.iptypes import IPAddress, IPNetwork
 # The handle's parts follow the CNI side's rules exactly (one home: cni_plugin/naming.py), so a
 # request the plugin accepted always makes a key, and a key parses back only if it could.
 from cni_plugin.naming import (
+    pod_name_problem,
+    pod_namespace_problem,
     valid_container_id,
     valid_ifname,
     valid_network_name,
@@ -226,3 +232,35 @@ class Keys:
 
     def parse_released(self, key: str) -> IPAddress | None:
         return self._parse_addr(key, self.released_prefix())
+
+    # -- fixed IPs -----------------------------------------------------------------------
+
+    def fixed(self, addr: IPAddress) -> str:
+        return f"{self.fixed_prefix()}{format_address(addr)}"
+
+    def fixed_prefix(self) -> str:
+        return f"{self.prefix}/fixed/"
+
+    def parse_fixed(self, key: str) -> IPAddress | None:
+        return self._parse_addr(key, self.fixed_prefix())
+
+    def fixed_identity(self, namespace: str, name: str) -> str:
+        """The index key of a named identity; a pod without a namespace (podman) is under `-`,
+        which no Kubernetes namespace can be."""
+        if namespace and (problem := pod_namespace_problem(namespace)):
+            raise ValueError(problem)
+        if problem := pod_name_problem(name):
+            raise ValueError(problem)
+        return f"{self.prefix}/fixed-ids/{namespace or '-'}/{name}"
+
+    def sticky(self, rule: str) -> str:
+        if problem := pod_namespace_problem(rule):  # a rule name is a DNS-1123 label too
+            raise ValueError(problem.replace("pod namespace", "sticky rule name"))
+        return f"{self.sticky_prefix()}{rule}"
+
+    def sticky_prefix(self) -> str:
+        return f"{self.prefix}/sticky/"
+
+    def parse_sticky(self, key: str) -> str | None:
+        tail = self._tail(key, self.sticky_prefix())
+        return tail if tail is not None and pod_namespace_problem(tail) is None else None
