@@ -129,3 +129,8 @@ class IpamPort(Protocol):
         calling `before_release(host_veth)` first for those that have one. Returns one line per
         failure; it goes on past failures."""
         ...
+
+    def mark_conflict(self, ip: IPAddress, mac: str, network: str) -> None:
+        """Record that another host (`mac`) answered for `ip` (the ARP probe of an ADD on
+        `network`): the IP is not handed out again until an operator clears the record."""
+        ...

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import grpc
 
 from ipamd.api.v1 import ipam_pb2, ipam_pb2_grpc
+from ipamd.conflicts import AddressConflict
 from ipamd.grpc_status import abort
 from ipamd.network_config import NetworkConfig
 from ipamd.ops import ClusterOps, SubnetUsage
@@ -45,6 +46,12 @@ def config_from_pb(m: ipam_pb2.NetworkConfig) -> NetworkConfig:
         backend=m.backend,
         vni=m.vni,
         vxlan_port=m.vxlan_port,
+    )
+
+
+def conflict_pb(c: AddressConflict) -> ipam_pb2.AddressConflict:
+    return ipam_pb2.AddressConflict(
+        ip=str(c.ip), mac=c.mac, node=c.node, since=c.at, network=c.network
     )
 
 
@@ -166,3 +173,23 @@ class AdminServicer(ipam_pb2_grpc.AdminServicer):
             addresses_allocated=u.addresses_allocated,
             cooldown_seconds=self.ops.cooldown,
         )
+
+    def ListConflicts(
+        self, request: ipam_pb2.ListConflictsRequest, context: grpc.ServicerContext
+    ) -> ipam_pb2.ListConflictsResponse:
+        try:
+            found = self.ops.conflicts()
+        except Exception as exc:  # noqa: BLE001
+            abort(context, exc)
+            raise
+        return ipam_pb2.ListConflictsResponse(conflicts=[conflict_pb(c) for c in found])
+
+    def ClearConflict(
+        self, request: ipam_pb2.ClearConflictRequest, context: grpc.ServicerContext
+    ) -> ipam_pb2.ClearConflictResponse:
+        try:
+            cleared = self.ops.clear_conflict(ipaddress.ip_address(request.ip))
+        except Exception as exc:  # noqa: BLE001
+            abort(context, exc)
+            raise
+        return ipam_pb2.ClearConflictResponse(conflict=conflict_pb(cleared))

@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from ipamd import conflicts
 from ipamd.errors import NetworkExhausted, RequestedIPUnavailable
 from ipamd.leases import SubnetLeaseManager
 from ipamd.model import Allocation, IPAddress, IPNetwork, Owner
@@ -97,7 +98,24 @@ class NodeAllocator:
             pool = self._pool_for(ip, pools)
             if pool is not None and ip not in pool.used:
                 pool.push_released(ip, at)
+        self._read_conflicts(pools)
         return pools, by_handle
+
+    def _read_conflicts(self, pools: dict[IPNetwork, SubnetPool]) -> None:
+        """Block the IPs with a conflict record. Each pool learns the revision of this listing
+        on its own (`conflicts_listed_at`): it is later than its IP records' listing, and the
+        follower skips a change at or before the listing that holds it."""
+        prefix_for = self.keys.conflicts_prefix_for
+        for prefix in covering_prefixes(prefix_for(subnet) for subnet in pools):
+            items, revision = self.store.list_prefix(prefix)
+            for subnet, pool in pools.items():
+                if prefix_for(subnet).startswith(prefix):
+                    pool.conflicts_listed_at = revision
+            for kv in items:
+                ip = self.keys.parse_conflict(kv.key)
+                pool = self._pool_for(ip, pools) if ip is not None else None
+                if ip is not None and pool is not None:
+                    pool.block(ip)
 
     def _adopt_new_subnets(self) -> None:
         """Pools for subnets the lease manager holds but the allocator has none for yet (one it
@@ -267,6 +285,11 @@ class NodeAllocator:
             )
         if ip in pool.used or ip in pool.pending:
             raise RequestedIPUnavailable(f"requested IP {ip} is already allocated")
+        if ip in pool.blocked:
+            raise RequestedIPUnavailable(
+                f"requested IP {ip} is in use by another host (address conflict; "
+                f"`moorctl conflicts clear {ip}` once it is not)"
+            )
         pool.take_specific(ip)
         return ip, pool
 
@@ -349,6 +372,32 @@ class NodeAllocator:
                     del self._by_handle[handle]
         log.warning("%s was released outside this node (moorctl?): forgotten here too", ip)
 
+    # ---- address conflicts (the ARP probe) ------------------------------------------------
+    def mark_conflict(self, ip: IPAddress, mac: str, network: str) -> None:
+        """Write the conflict record of `ip` and block it here at once (the follower's echo of
+        the write, at the same revision, is then skipped)."""
+        found = conflicts.AddressConflict(ip, mac, self.node, self.clock(), network)
+        self.observe_conflict("put", ip, conflicts.record(self.store, self.keys, found))
+
+    def observe_conflict(self, kind: str, ip: IPAddress, revision: int) -> None:
+        """Follow a change of `ip`'s conflict record: blocked while it exists. Changes of one
+        key arrive in revision order, but a write of our own or the admin's clear is applied
+        before its echo: one at or before the last applied (or listed) is old news."""
+        with self._lock:
+            pool = self._pool_for(ip, self._pools)
+            if pool is None:
+                return
+            if revision <= max(pool.conflicts_listed_at, pool.conflict_seen.get(ip, 0)):
+                return
+            pool.conflict_seen[ip] = revision
+            if kind == "put":
+                pool.block(ip)
+            else:
+                pool.unblock(ip)
+        log.warning(
+            "%s %s (address conflict record)", ip, "blocked" if kind == "put" else "unblocked"
+        )
+
     def forget(self, alloc: Allocation) -> bool:
         """Drop an allocation whose record the store lost and whose pod is gone: memory only.
         Its IP waits out the cooldown like any released one. False if it changed meanwhile."""
@@ -393,6 +442,13 @@ class NodeAllocator:
         now = self.clock()
         with self._lock:
             return [
-                PoolStatus(p.subnet, p.gateway, p.total, len(p.used), p.cooling(now, self.cooldown))
+                PoolStatus(
+                    p.subnet,
+                    p.gateway,
+                    p.total,
+                    len(p.used),
+                    p.cooling(now, self.cooldown),
+                    p.conflicts(),
+                )
                 for p in sorted(self._pools.values(), key=lambda p: int(p.subnet.network_address))
             ]

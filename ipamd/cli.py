@@ -338,6 +338,45 @@ def render_node_remove(data: dict[str, Any]) -> str:
     )
 
 
+# ---- Admin: address conflicts (the ARP probe) ------------------------------------------------
+def _conflict_dict(c: Any) -> dict[str, Any]:
+    return {"ip": c.ip, "mac": c.mac, "node": c.node, "since": c.since, "network": c.network}
+
+
+def _conflicts(channel: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
+    from ipamd.api.v1 import ipam_pb2, ipam_pb2_grpc
+
+    r = ipam_pb2_grpc.AdminStub(channel).ListConflicts(ipam_pb2.ListConflictsRequest(), timeout=30)
+    return [_conflict_dict(c) for c in r.conflicts]
+
+
+def render_conflicts(conflicts: list[dict[str, Any]]) -> str:
+    return table(
+        ["IP", "MAC", "NODE", "NETWORK", "SINCE"],
+        [
+            [c["ip"], c["mac"] or "-", c["node"] or "-", c["network"] or "-", when(c["since"])]
+            for c in conflicts
+        ],
+    )
+
+
+def _clear_conflict(channel: Any, args: argparse.Namespace) -> dict[str, Any]:
+    from ipamd.api.v1 import ipam_pb2, ipam_pb2_grpc
+
+    r = ipam_pb2_grpc.AdminStub(channel).ClearConflict(
+        ipam_pb2.ClearConflictRequest(ip=args.ip), timeout=30
+    )
+    return {"cleared": _conflict_dict(r.conflict)}
+
+
+def render_clear_conflict(data: dict[str, Any]) -> str:
+    c = data["cleared"]
+    return (
+        f"cleared the address conflict of {c['ip']} (MAC {c['mac'] or '-'}, found by node "
+        f"{c['node'] or '-'} at {when(c['since'])}): it can be allocated again"
+    )
+
+
 def _status_command(channel: Any, args: argparse.Namespace) -> dict[str, Any]:
     from ipamd.api.v1 import ipam_pb2_grpc
 
@@ -374,6 +413,17 @@ def build_parser() -> argparse.ArgumentParser:
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--ip", help="the IP to free")
     target.add_argument("--handle", help="NETWORK/CONTAINER-ID/IFNAME of the attachment")
+
+    p = command(
+        sub,
+        "conflicts",
+        _conflicts,
+        render_conflicts,
+        "IPs another host answered the ARP probe for",
+    )
+    clear = p.add_subparsers(dest="conflicts_command", metavar="{clear}")
+    p = command(clear, "clear", _clear_conflict, render_clear_conflict, "make an IP allocatable")
+    p.add_argument("ip", help="the IP whose conflict record to remove")
 
     node = sub.add_parser("node", help="node operations").add_subparsers(
         dest="node_command", required=True

@@ -19,7 +19,7 @@ from cni_plugin.ipam import (
     RequestedAddressUnavailable,
 )
 from ipamd.errors import NetworkExhausted, NoLease, RequestedIPUnavailable
-from ipamd.model import Allocation, IPNetwork
+from ipamd.model import Allocation, IPAddress, IPNetwork
 from ipamd.store.base import StoreUnavailable
 
 if TYPE_CHECKING:
@@ -89,3 +89,7 @@ class NodeIpamPort:
     ) -> list[str]:
         with port_errors():
             return self.ipam.collect_garbage(network, keep, before_release).failures
+
+    def mark_conflict(self, ip: IPAddress, mac: str, network: str) -> None:
+        with port_errors():
+            self.ipam.mark_conflict(ip, mac, network)

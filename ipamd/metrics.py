@@ -74,6 +74,8 @@ class Metrics:
         # Registered first, so a store error it hits shows in the same scrape's error counter.
         self._ipam_collector = _IpamCollector()
         self.registry.register(self._ipam_collector)
+        self._conflict_collector = _ConflictCollector()
+        self.registry.register(self._conflict_collector)
         self.allocation_seconds = Histogram(
             "moor_allocation_duration_seconds",
             "Time to allocate one pod IP (store transaction included), failures included.",
@@ -167,6 +169,7 @@ class Metrics:
     def track(self, ipam: NodeIpam) -> None:
         """Report this node's address and subnet gauges from `ipam` at every scrape."""
         self._ipam_collector.ipam = ipam
+        self._conflict_collector.ipam = ipam
 
     def count_store_errors(self, store: Store) -> CountingStore:
         return CountingStore(store, lambda op: self.store_errors.labels(op).inc())
@@ -259,6 +262,7 @@ class _IpamCollector:
             addresses.add_metric([subnet, "allocated"], pool.used)
             addresses.add_metric([subnet, "free"], pool.free)
             addresses.add_metric([subnet, "cooling"], pool.cooling)
+            addresses.add_metric([subnet, "conflict"], pool.conflicts)
             addresses.add_metric([subnet, "reserved"], pool.subnet.num_addresses - pool.total)
         held.add_metric([], len(ipam.leases.subnets))
         families = [addresses, held]
@@ -282,7 +286,8 @@ class _IpamCollector:
             GaugeMetricFamily(
                 "moor_addresses",
                 "Pod addresses of this node's subnets by state: allocated, free, cooling "
-                "(released, waiting out the cooldown), reserved (network, gateway, broadcast).",
+                "(released, waiting out the cooldown), reserved (network, gateway, broadcast), "
+                "conflict (another host answered the ARP probe for it).",
                 labels=["subnet", "state"],
             ),
             GaugeMetricFamily(
@@ -293,6 +298,41 @@ class _IpamCollector:
             GaugeMetricFamily(
                 "moor_node_subnets_held", "Node subnets this node holds a lease on.", labels=[]
             ),
+        )
+
+
+class _ConflictCollector:
+    """moor_ip_conflicts at scrape time: the cluster's address conflict records (one range read
+    of `<prefix>/conflicts/`, empty but for conflicts; fixed IPs' included). Every node reports
+    the same count, as for moor_node_subnets."""
+
+    def __init__(self) -> None:
+        self.ipam: NodeIpam | None = None
+
+    def describe(self) -> Iterable[Metric]:
+        return [self._family()]
+
+    def collect(self) -> Iterable[Metric]:
+        ipam = self.ipam
+        if ipam is None:
+            return []
+        keys = ipam.leases.keys
+        try:
+            items, _ = ipam.store.list_prefix(keys.conflicts_prefix())
+        except StoreError as exc:  # counted by CountingStore; the rest of the scrape still works
+            log.warning("metrics: cannot list address conflicts: %s", exc)
+            return []
+        family = self._family()
+        family.add_metric([], sum(1 for kv in items if keys.parse_conflict(kv.key) is not None))
+        return [family]
+
+    @staticmethod
+    def _family() -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            "moor_ip_conflicts",
+            "IPs of the cluster another host answered the ARP probe for (netconf arpProbe): "
+            "never handed out until `moorctl conflicts clear`.",
+            labels=[],
         )
 
 

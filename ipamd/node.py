@@ -185,6 +185,11 @@ class NodeIpam:
                 report.failures.append(f"{alloc.ip}: {exc}")
         return report
 
+    def mark_conflict(self, ip: IPAddress, mac: str, network: str) -> None:
+        """Another host answered the ARP probe for `ip`: record it, never hand `ip` out again
+        until an operator clears it (`ipamd/conflicts.py`)."""
+        self.allocator.mark_conflict(ip, mac, network)
+
     def lookup(self, network: str, container_id: str, ifname: str) -> Allocation | None:
         return self.allocator.get(network, container_id, ifname)
 

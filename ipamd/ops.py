@@ -17,7 +17,9 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from ipamd import conflicts
 from ipamd.allocator import NodeAllocator
+from ipamd.conflicts import AddressConflict
 from ipamd.errors import ConfigMismatch, Conflict, NotFound, Refused
 from ipamd.model import Allocation, IPAddress, IPNetwork, SubnetLease
 from ipamd.network_config import NetworkConfig
@@ -43,6 +45,7 @@ class SubnetUsage:
     allocated: int
     cooling: int
     route: RouteState = RouteState("")  # as the serving node sees it; "" when it routes nothing
+    conflicts: int = 0  # address conflict records (the ARP probe), not held by a pod
 
     @property
     def total(self) -> int:
@@ -55,7 +58,7 @@ class SubnetUsage:
 
     @property
     def free(self) -> int:
-        return max(0, self.total - self.reserved - self.allocated - self.cooling)
+        return max(0, self.total - self.reserved - self.allocated - self.cooling - self.conflicts)
 
 
 @dataclass(frozen=True)
@@ -174,11 +177,15 @@ class ClusterOps:
         index = SubnetIndex(subnets)
         allocated = {s: 0 for s in subnets}
         total = 0
+        # Conflict records: one range read, empty but for conflicts. An IP with one is counted
+        # as a conflict (not as cooling, not as free), unless a pod holds it.
+        conflicted = {c.ip for c in self.conflicts() if index.find(c.ip) is not None}
         for kv in records(self.store, self.keys, "ips", scope):
             ip = self.keys.parse_ip(kv.key)
             if ip is None:
                 continue
             total += 1
+            conflicted.discard(ip)
             subnet = index.find(ip)
             if subnet is not None:
                 allocated[subnet] += 1
@@ -187,8 +194,15 @@ class ClusterOps:
         for kv in records(self.store, self.keys, "released", scope):
             ip = self.keys.parse_released(kv.key)
             subnet = index.find(ip) if ip is not None else None
-            if subnet is not None and now - _released_at(kv) < self.cooldown:
+            if (
+                subnet is not None
+                and ip not in conflicted
+                and now - _released_at(kv) < self.cooldown
+            ):
                 cooling[subnet] += 1
+        blocked = {s: 0 for s in subnets}
+        for ip in conflicted:
+            blocked[index.find(ip)] += 1  # type: ignore[index]  # found above
         routes = self.route_states()
         usage = [
             SubnetUsage(
@@ -196,6 +210,7 @@ class ClusterOps:
                 allocated[lease.subnet],
                 cooling[lease.subnet],
                 routes.get(lease.subnet, RouteState("")),
+                conflicts=blocked[lease.subnet],
             )
             for lease in leases
         ]
@@ -273,6 +288,22 @@ class ClusterOps:
                 "hold: dropped the stale handle, nothing freed"
             )
         return freed
+
+    # ---- address conflicts (the ARP probe) -----------------------------------------------------
+    def conflicts(self) -> list[AddressConflict]:
+        """Every IP another host answered the ARP probe for (cluster-wide), in address order."""
+        return conflicts.listing(self.store, self.keys)
+
+    def clear_conflict(self, ip: IPAddress) -> AddressConflict:
+        """Make `ip` allocatable again: delete its conflict record (compare-guarded). The node
+        owning its subnet unblocks it through its store watch; the serving daemon's own subnet
+        at once, so it is allocatable when this returns."""
+        cleared, revision = conflicts.clear(self.store, self.keys, ip)
+        local = self._local_allocator(ip)
+        if local is not None:
+            local.observe_conflict("delete", ip, revision)
+        log.info("address conflict of %s (MAC %s) cleared by an operator", ip, cleared.mac)
+        return cleared
 
     # ---- node removal ------------------------------------------------------------------------
     def remove_node(self, node: str) -> NodeRemoval:

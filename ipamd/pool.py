@@ -3,7 +3,9 @@
 Not thread-safe on its own: `NodeAllocator` guards every pool with its lock. Addresses are in one
 of four places: `used` (held, as the store says), `pending` (a transaction about them is in
 flight, so nobody else picks them), the `released` FIFO (freed, waiting out the cooldown, also
-indexed in `released_ips`), or never used yet (ahead of `cursor`).
+indexed in `released_ips`), or never used yet (ahead of `cursor`). Apart from those, `blocked`
+holds the addresses with a conflict record (another host answered the ARP probe for them): none
+is ever picked, wherever it is; unblocked, one behind the cursor goes back to the FIFO.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ class SubnetPool:
     released_ips: set[IPAddress] = field(default_factory=set)  # what `released` holds, to test fast
     cursor: int = 0
     listed_at: int = 0  # store revision of the listing its IP records were read from
+    blocked: set[IPAddress] = field(default_factory=set)  # conflict records (ipamd/conflicts.py)
+    conflicts_listed_at: int = 0  # store revision of the listing its conflict records came from
+    conflict_seen: dict[IPAddress, int] = field(default_factory=dict)  # last record change applied
 
     def __post_init__(self) -> None:
         self.cursor = self.first
@@ -54,7 +59,12 @@ class SubnetPool:
         while self.cursor <= self.last:
             ip = ipaddress.ip_address(self.cursor)
             self.cursor += 1
-            if ip not in self.used and ip not in self.pending and ip not in self.released_ips:
+            if (
+                ip not in self.used
+                and ip not in self.pending
+                and ip not in self.released_ips
+                and ip not in self.blocked
+            ):
                 return ip
         return None
 
@@ -68,8 +78,8 @@ class SubnetPool:
     def take_released(self, now: float, cooldown: float, force: bool = False) -> IPAddress | None:
         while self.released:
             ip, at = self.released[0]
-            if ip in self.used or ip in self.pending:
-                self.released.popleft()
+            if ip in self.used or ip in self.pending or ip in self.blocked:
+                self.released.popleft()  # a blocked one comes back when it is unblocked
                 self.released_ips.discard(ip)
                 continue
             if force or now - at >= cooldown:
@@ -86,8 +96,34 @@ class SubnetPool:
             self.released_ips.discard(ip)
         self.pending.add(ip)
 
+    def block(self, ip: IPAddress) -> None:
+        self.blocked.add(ip)
+
+    def unblock(self, ip: IPAddress) -> None:
+        """Allocatable again: one the cursor passed goes to the front of the FIFO, cooled off
+        (it was held by nobody all the while it was blocked)."""
+        if ip not in self.blocked:
+            return
+        self.blocked.discard(ip)
+        if (
+            self.usable(ip)
+            and int(ip) < self.cursor
+            and ip not in self.used
+            and ip not in self.pending
+            and ip not in self.released_ips
+        ):
+            self.push_released(ip, 0.0, front=True)
+
+    def conflicts(self) -> int:
+        """Addresses held by no pod and blocked by a conflict record."""
+        return len(self.blocked - self.used)
+
     def cooling(self, now: float, cooldown: float) -> int:
-        return sum(1 for ip, at in self.released if now - at < cooldown and ip not in self.used)
+        return sum(
+            1
+            for ip, at in self.released
+            if now - at < cooldown and ip not in self.used and ip not in self.blocked
+        )
 
 
 @dataclass(frozen=True)
@@ -97,7 +133,8 @@ class PoolStatus:
     total: int
     used: int
     cooling: int
+    conflicts: int = 0  # blocked by a conflict record (and held by no pod)
 
     @property
     def free(self) -> int:
-        return self.total - self.used - self.cooling
+        return self.total - self.used - self.cooling - self.conflicts

@@ -5,7 +5,7 @@ release done elsewhere — `moorctl release`, `moorctl node remove` through anot
 must reach that memory, or the IP stays "used" here until a restart.
 
 Scope: one watch stream over this node's part of the store only (`watched_prefixes`): the IP
-records of its own subnets. A watch on the whole key prefix would bring every daemon every pod
+records of its own subnets, and their address conflict records (`ipamd/conflicts.py`). A watch on the whole key prefix would bring every daemon every pod
 change of the cluster, a fan-out that grows with nodes x churn. The subnet leases (every node's:
 the routes need them) have their own watcher, `routing/lease_watch.py`, which also reports a
 vanished lease of this node's to the lease manager.
@@ -78,8 +78,13 @@ class StoreFollower:
         self._scope: frozenset[IPNetwork] = frozenset()
 
     def watched_prefixes(self, subnets: Iterable[IPNetwork]) -> list[str]:
-        """The one place that says what a node watches: the IP records of its subnets."""
-        return covering_prefixes(self.keys.ips_prefix_for(s) for s in subnets)
+        """The one place that says what a node watches: the IP records of its subnets, and their
+        address conflict records (an operator's clear, made through any node, unblocks the IP)."""
+        subnets = list(subnets)
+        return covering_prefixes(
+            [self.keys.ips_prefix_for(s) for s in subnets]
+            + [self.keys.conflicts_prefix_for(s) for s in subnets]
+        )
 
     def subnets_changed(self) -> None:
         """The lease manager's subnets changed: end the watch if it misses one of them."""
@@ -163,3 +168,6 @@ class StoreFollower:
             self.allocator.observe(kind, ip, revision)
             return
         self.on_event("other")
+        conflict = self.keys.parse_conflict(key)
+        if conflict is not None:
+            self.allocator.observe_conflict(kind, conflict, revision)

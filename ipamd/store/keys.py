@@ -13,6 +13,9 @@ key                                         value / meaning
                                             create_revision)
 ``/moor/removed/<node>``                    removal record: ``moorctl node remove`` removed
                                             the node's subnets on purpose
+``/moor/conflicts/10.244.3.5``              address conflict: another host answered the ARP
+                                            probe for this IP (MAC, node, time); never handed
+                                            out until ``moorctl conflicts clear``
 ``/moor/fixed/10.244.250.7``                fixed-IP binding: identity, source, holder
                                             generation and node (ipamd/fixed/model.py)
 ``/moor/fixed-ids/<namespace|->/<pod>``     index: named identity -> its fixed IP
@@ -232,6 +235,21 @@ class Keys:
 
     def parse_released(self, key: str) -> IPAddress | None:
         return self._parse_addr(key, self.released_prefix())
+
+    # -- address conflicts (the ARP probe, `arpProbe`) ------------------------------------
+
+    def conflict(self, addr: IPAddress) -> str:
+        return f"{self.conflicts_prefix()}{format_address(addr)}"
+
+    def conflicts_prefix(self) -> str:
+        return f"{self.prefix}/conflicts/"
+
+    def conflicts_prefix_for(self, subnet: IPNetwork) -> str:
+        """Like `ips_prefix_for`, for the conflict records (the store follower watches them)."""
+        return self.conflicts_prefix() + _common_text(subnet)
+
+    def parse_conflict(self, key: str) -> IPAddress | None:
+        return self._parse_addr(key, self.conflicts_prefix())
 
     # -- fixed IPs -----------------------------------------------------------------------
 

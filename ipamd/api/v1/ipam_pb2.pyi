@@ -311,3 +311,39 @@ class UtilizationResponse(_message.Message):
     addresses_allocated: int
     cooldown_seconds: float
     def __init__(self, config: _Optional[_Union[NetworkConfig, _Mapping]] = ..., subnets: _Optional[_Iterable[_Union[SubnetUsage, _Mapping]]] = ..., subnets_leased: _Optional[int] = ..., subnets_free: _Optional[int] = ..., addresses_allocated: _Optional[int] = ..., cooldown_seconds: _Optional[float] = ...) -> None: ...
+
+class AddressConflict(_message.Message):
+    __slots__ = ("ip", "mac", "node", "since", "network")
+    IP_FIELD_NUMBER: _ClassVar[int]
+    MAC_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    NETWORK_FIELD_NUMBER: _ClassVar[int]
+    ip: str
+    mac: str
+    node: str
+    since: float
+    network: str
+    def __init__(self, ip: _Optional[str] = ..., mac: _Optional[str] = ..., node: _Optional[str] = ..., since: _Optional[float] = ..., network: _Optional[str] = ...) -> None: ...
+
+class ListConflictsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListConflictsResponse(_message.Message):
+    __slots__ = ("conflicts",)
+    CONFLICTS_FIELD_NUMBER: _ClassVar[int]
+    conflicts: _containers.RepeatedCompositeFieldContainer[AddressConflict]
+    def __init__(self, conflicts: _Optional[_Iterable[_Union[AddressConflict, _Mapping]]] = ...) -> None: ...
+
+class ClearConflictRequest(_message.Message):
+    __slots__ = ("ip",)
+    IP_FIELD_NUMBER: _ClassVar[int]
+    ip: str
+    def __init__(self, ip: _Optional[str] = ...) -> None: ...
+
+class ClearConflictResponse(_message.Message):
+    __slots__ = ("conflict",)
+    CONFLICT_FIELD_NUMBER: _ClassVar[int]
+    conflict: AddressConflict
+    def __init__(self, conflict: _Optional[_Union[AddressConflict, _Mapping]] = ...) -> None: ...

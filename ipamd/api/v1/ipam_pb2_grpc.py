@@ -313,6 +313,16 @@ class AdminStub:
                 request_serializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.UtilizationRequest.SerializeToString,
                 response_deserializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.UtilizationResponse.FromString,
                 _registered_method=True)
+        self.ListConflicts = channel.unary_unary(
+                '/moor.ipam.v1.Admin/ListConflicts',
+                request_serializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.ListConflictsRequest.SerializeToString,
+                response_deserializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.ListConflictsResponse.FromString,
+                _registered_method=True)
+        self.ClearConflict = channel.unary_unary(
+                '/moor.ipam.v1.Admin/ClearConflict',
+                request_serializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.ClearConflictRequest.SerializeToString,
+                response_deserializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.ClearConflictResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -360,6 +370,18 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListConflicts(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClearConflict(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -397,6 +419,16 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.Utilization,
                     request_deserializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.UtilizationRequest.FromString,
                     response_serializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.UtilizationResponse.SerializeToString,
+            ),
+            'ListConflicts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListConflicts,
+                    request_deserializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.ListConflictsRequest.FromString,
+                    response_serializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.ListConflictsResponse.SerializeToString,
+            ),
+            'ClearConflict': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClearConflict,
+                    request_deserializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.ClearConflictRequest.FromString,
+                    response_serializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.ClearConflictResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -588,6 +620,60 @@ class Admin:
             '/moor.ipam.v1.Admin/Utilization',
             ipamd_dot_api_dot_v1_dot_ipam__pb2.UtilizationRequest.SerializeToString,
             ipamd_dot_api_dot_v1_dot_ipam__pb2.UtilizationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListConflicts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moor.ipam.v1.Admin/ListConflicts',
+            ipamd_dot_api_dot_v1_dot_ipam__pb2.ListConflictsRequest.SerializeToString,
+            ipamd_dot_api_dot_v1_dot_ipam__pb2.ListConflictsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClearConflict(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moor.ipam.v1.Admin/ClearConflict',
+            ipamd_dot_api_dot_v1_dot_ipam__pb2.ClearConflictRequest.SerializeToString,
+            ipamd_dot_api_dot_v1_dot_ipam__pb2.ClearConflictResponse.FromString,
             options,
             channel_credentials,
             insecure,
