@@ -56,6 +56,19 @@ class IpamConf:
     routes: list[Route] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class ArpProbe:
+    """`arpProbe: true`: probe the address (RFC 5227) before ADD completes; `count` probes spread
+    over `count` x `interval_ms` (SPEC-NOTES, address conflict probe)."""
+
+    count: int = 3
+    interval_ms: int = 33
+
+
+ARP_PROBE_COUNT = (1, 10)
+ARP_PROBE_INTERVAL_MS = (1, 200)  # at most 10 x 200 ms = 2 s of the request's 5 s deadline
+
+
 @dataclass
 class NetConf:
     cni_version: str
@@ -72,6 +85,7 @@ class NetConf:
     ipam: IpamConf | None = None  # None: L2 only
     dns: DNS = field(default_factory=DNS)
     mac: str = ""  # from runtimeConfig or args; CNI_ARGS MAC is applied later, lowest precedence
+    arp_probe: ArpProbe | None = None  # None: no probe (the default, and the hot path)
     prev_result: Result | None = None
     raw: dict[str, Any] = field(default_factory=dict)
 
@@ -228,6 +242,36 @@ def _dns(data: dict[str, Any]) -> DNS:
         raise _invalid(f"invalid dns: {exc}") from exc
 
 
+def _bounded_int(section: dict[str, Any], key: str, default: int, bounds: tuple[int, int]) -> int:
+    value = section.get(key, default)
+    if (
+        not isinstance(value, int)
+        or isinstance(value, bool)
+        or not (bounds[0] <= value <= bounds[1])
+    ):
+        raise _invalid(
+            f"{key} must be an integer from {bounds[0]} to {bounds[1]}, not {brief(value)}"
+        )
+    return value
+
+
+def _arp_probe(sections: list[dict[str, Any]]) -> ArpProbe | None:
+    """`arpProbe` (with `arpProbeCount`, `arpProbeIntervalMs`) from the first of `sections` that
+    has any of them: the top level, then `ipam`, for the main plugin; `ipam` for the IPAM plugin.
+    Every section that has them is checked."""
+    found: list[ArpProbe | None] = []
+    for section in sections:
+        if not any(k in section for k in ("arpProbe", "arpProbeCount", "arpProbeIntervalMs")):
+            continue
+        on = _bool(section, "arpProbe")
+        count = _bounded_int(section, "arpProbeCount", ArpProbe.count, ARP_PROBE_COUNT)
+        interval = _bounded_int(
+            section, "arpProbeIntervalMs", ArpProbe.interval_ms, ARP_PROBE_INTERVAL_MS
+        )
+        found.append(ArpProbe(count, interval) if on else None)
+    return found[0] if found else None
+
+
 def parse_netconf(data: dict[str, Any], cni_version: str) -> NetConf:
     """Validate a decoded config (name, mode, options); raises CNIError(7) on anything wrong."""
     check_unicode(data)
@@ -270,6 +314,9 @@ def parse_netconf(data: dict[str, Any], cni_version: str) -> NetConf:
     conf = NetConf(
         cni_version=cni_version, name=name, type=plugin_type, mode=mode, ipam=ipam, raw=data
     )
+    conf.arp_probe = _arp_probe(([data] if mode == "main" else []) + [ipam_raw or {}])
+    if conf.arp_probe is not None and ipam is None:
+        raise _invalid('arpProbe needs an IP to probe; this config is L2 only ("ipam": {})')
     if mode == "main":
         bridge = data.get("bridge", DEFAULT_BRIDGE)
         if problem := ifname_problem(bridge, "bridge name"):

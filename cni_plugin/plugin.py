@@ -221,6 +221,8 @@ class MoorPlugin:
                 )
             else:
                 veth.configure_pod_interface(fd, req.ifname, [], [])
+            if conf.arp_probe is not None and alloc is not None:
+                self._probe(req, fd, alloc)  # a conflict raises 107; the undo stack rolls back
             if conf.ip_masq and alloc is not None:
                 self.host.ensure_masquerade(self.ipam.network)
             self._fault("before-result", req)
@@ -259,10 +261,25 @@ class MoorPlugin:
         return kernel_record.encode(record) or ""
 
     def _ipam_add(self, req: Request) -> Result:
+        if req.conf.arp_probe is not None:
+            self._require_netns(req)  # the probe runs in it
         alloc = self._allocate(req, netns_inode(req.netns_fd) if req.netns_fd is not None else 0)
+        if req.conf.arp_probe is not None:
+            with ExitStack() as undo:
+                undo.callback(self._release_quietly, req.conf.name, req.container_id, req.ifname)
+                self._probe(req, req.netns_fd, alloc)  # type: ignore[arg-type]  # checked above
+                undo.pop_all()
         return Result(
             ips=[IPConfig(alloc.interface, alloc.gateway)], routes=self._routes(req.conf, alloc)
         )
+
+    def _probe(self, req: Request, netns_fd: int, alloc: AssignedAddress) -> None:
+        """`arpProbe`: the address on the wire before ADD completes (SPEC-NOTES). Imported here,
+        so a daemon whose netconfs never ask for it never loads it."""
+        from cni_plugin.conflict_probe import probe_address
+
+        assert req.conf.arp_probe is not None
+        probe_address(self.ipam, req.conf.arp_probe, req.conf.name, netns_fd, req.ifname, alloc)
 
     def _release_quietly(self, network: str, container_id: str, ifname: str) -> None:
         try:

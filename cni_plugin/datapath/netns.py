@@ -7,8 +7,9 @@ Why a dedicated helper thread:
     worker (or anything it spawns) silently running in a pod's netns. One helper thread, which does
     nothing else, contains that risk and serialises the (microsecond-cheap) switches.
 
-A netlink socket keeps the netns it was created in for its whole life, so the helper only has to
-create the socket inside the pod's netns; all later requests run on the caller's thread.
+A socket keeps the netns it was created in for its whole life (netlink, packet, inet alike), so the
+helper only has to create the socket inside the pod's netns; all later requests run on the caller's
+thread.
 
 If the helper cannot switch back to the daemon's own netns, the process aborts: continuing would
 make every later "host" operation of that thread hit a pod's netns.
@@ -30,7 +31,7 @@ from typing import Any, TypeVar
 
 from .errors import NetnsError
 
-__all__ = ["NetnsError", "netns_inode", "open_netlink_socket", "run_in_netns"]
+__all__ = ["NetnsError", "netns_inode", "open_netlink_socket", "open_socket", "run_in_netns"]
 
 log = logging.getLogger(__name__)
 
@@ -191,3 +192,10 @@ def open_netlink_socket(netns_fd: int) -> socket.socket:
     Costs one round trip to the helper thread (two setns calls and a socket()); no fork.
     """
     return run_in_netns(netns_fd, _new_netlink_socket)
+
+
+def open_socket(netns_fd: int, family: int, kind: int, proto: int = 0) -> socket.socket:
+    """Any socket created inside the netns behind `netns_fd` (the caller owns and closes it), e.g.
+    an AF_PACKET socket for the ARP probe (arp_probe.py). Its ioctls and interface names then
+    resolve in that netns, from whichever thread uses it. One round trip to the helper; no fork."""
+    return run_in_netns(netns_fd, lambda: socket.socket(family, kind | socket.SOCK_CLOEXEC, proto))

@@ -213,6 +213,10 @@ FIELDS: dict[tuple[Any, ...], list[Any]] = {
         [{"containerID": 5, "ifname": "eth0"}],
     ],
     ("capabilities",): [{"mac": True, "ips": True}],
+    ("arpProbe",): [True, False, "yes"],
+    ("arpProbeCount",): [1, 0, 11, "3", True],
+    ("arpProbeIntervalMs",): [1, 0, 201, 2.5],
+    ("ipam", "arpProbe"): [True, False, 1],
 }
 # A generated string could be a valid new bridge name: only the listed names (and non-strings)
 # may reach the bridge field, so no test creates a bridge outside mfzbr0/mfzbr1 on the host.
