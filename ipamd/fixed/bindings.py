@@ -32,6 +32,7 @@ from ipamd.fixed.model import (
     Identity,
 )
 from ipamd.model import Allocation, IPAddress, IPNetwork, Owner
+from ipamd.records import ip_records, records
 from ipamd.store.base import Compare, Delete, KeyValue, Put, Store
 from ipamd.store.keys import Keys
 
@@ -53,6 +54,7 @@ class Claimed:
     allocation: Allocation
     existed: bool  # the same attachment held it already (a repeated ADD)
     replaced: Generation | None  # the generation it was taken from (a move or a restart)
+    previous_node: str = ""  # where that generation was
 
 
 class FixedBindings:
@@ -85,6 +87,27 @@ class FixedBindings:
             return None
         binding = self.get(_ip(kv.value))
         return binding if binding is not None and binding.identity == identity else None
+
+    def allocation(self, binding: FixedBinding) -> Allocation | None:
+        """The IP record of a held binding, if it is the holder's."""
+        kv = self.store.get(self.keys.ip(binding.ip))
+        if kv is None:
+            return None
+        alloc = Allocation.from_json(binding.ip, kv.value)
+        return alloc if alloc.owner.handle == binding.handle else None
+
+    def unavailable(self) -> set[IPAddress]:
+        """Fixed-range IPs that have an IP record or are cooling down (a binding aside); only
+        the key ranges of the fixed ranges are listed, never the whole cluster's records."""
+        ranges = list(self.fixed_ranges())
+        out = {ip for ip, _ in ip_records(self.store, self.keys, ranges)}
+        now = self.clock()
+        for kv in records(self.store, self.keys, "released", ranges):
+            ip = self.keys.parse_released(kv.key)
+            at = float(json.loads(kv.value).get("releasedAt", 0))
+            if ip is not None and self.is_fixed(ip) and now - at < self.cooldown:
+                out.add(ip)
+        return out
 
     def all(self) -> list[FixedBinding]:
         items, _ = self.store.list_prefix(self.keys.fixed_prefix())
@@ -194,7 +217,7 @@ class FixedBindings:
                 ops.append(Delete(self.keys.handle(*current.handle)))
             if self.store.txn(state.compares, ops).succeeded:
                 replaced = current.generation if current.generation != generation else None
-                return Claimed(binding, alloc, existed, replaced)
+                return Claimed(binding, alloc, existed, replaced, current.node if replaced else "")
         raise Conflict(f"claiming {ip} kept conflicting with other changes; retry")
 
     def release(self, handle: tuple[str, str, str], node: str) -> FixedBinding | None:
