@@ -22,6 +22,9 @@ from cni_plugin.kernel_record import AttachmentRecord
 from ipamd.allocator import NodeAllocator
 from ipamd.config import DaemonConfig
 from ipamd.errors import NoLease
+from ipamd.fixed.allocation import FixedAllocator
+from ipamd.fixed.bindings import FixedBindings
+from ipamd.fixed.sticky import StickyRules
 from ipamd.guard import StoreGuard
 from ipamd.journal import ReleaseJournal
 from ipamd.leases import SubnetLeaseManager
@@ -125,12 +128,16 @@ def assemble_node(
     if guard.restore_from_kernel():  # running pods whose records the store lost meanwhile
         revision = store.revision()
         allocator.load()
+    bindings = FixedBindings(store, keys, lambda: leases.config.fixed_ranges, cooldown=cfg.cooldown)
+    fixed = FixedAllocator(bindings, StickyRules(store, keys), cfg.node_name)
+    fixed.load()
     ipam = NodeIpam(
         store,
         cfg.node_name,
         leases,
         allocator,
         metrics,
+        fixed=fixed,
         journal=ReleaseJournal(os.path.join(cfg.state_dir, f"releases-{cfg.node_name}.jsonl")),
         store_grace=cfg.store_grace,
         locks=locks,

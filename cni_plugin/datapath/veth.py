@@ -210,9 +210,7 @@ def _veth_message(
     return msg
 
 
-def _explain_create_failure(
-    err: DatapathError, netns_fd: int, bridge_index: int | None
-) -> None:
+def _explain_create_failure(err: DatapathError, netns_fd: int, bridge_index: int | None) -> None:
     """The kernel answers EINVAL/EBADF/EOPNOTSUPP/ENODEV (and ERANGE/EADDRNOTAVAIL for an MTU or
     MAC) for several distinct mistakes; find out which one it was (error path only) and raise the
     precise exception. With the fd and the bridge ruled out, an EINVAL/ERANGE/EADDRNOTAVAIL is the

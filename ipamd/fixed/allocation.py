@@ -10,9 +10,12 @@ Precedence (SPEC-NOTES, fixed IPs), for the pod identity of the request:
   4. anything else is the node allocator's (an IP of the node's subnets, requested or not).
 A requested IP that differs from what 1 or 2 gives is refused, never silently ignored.
 
-Memory: `_held` maps the handles of this node's fixed attachments to their allocations, under
-`_lock`; it is what CHECK, GC and the leak GC see. It is loaded at start from the bindings that
-name this node, and the fixed-binding watcher (`forget_moved`) drops what moved to another node.
+Memory: `_held` maps the handles of this node's fixed attachments to their allocations and the
+store revision of their claim, under `_lock`; it is what CHECK, GC, the leak GC and the route
+reconcile (the /32s this node hosts) see. It is loaded at start from the bindings that name this
+node; the fixed-binding watcher (`forget_moved`) drops what a binding newer than the claim says
+moved to another node or was released; a binding older than the claim (the watch lags behind
+this node's own write) never drops it.
 """
 
 from __future__ import annotations
@@ -41,38 +44,43 @@ class FixedAllocator:
         self.rules = rules
         self.node = node
         self._lock = threading.Lock()
-        self._held: dict[tuple[str, str, str], Allocation] = {}
+        self._held: dict[tuple[str, str, str], tuple[Allocation, int]] = {}
 
     # ---- memory -------------------------------------------------------------------------------
     def load(self) -> None:
         """This node's fixed attachments, from the bindings in the store."""
-        held: dict[tuple[str, str, str], Allocation] = {}
+        held: dict[tuple[str, str, str], tuple[Allocation, int]] = {}
         for binding in self.bindings.all():
             if binding.held and binding.node == self.node and binding.handle is not None:
                 alloc = self.bindings.allocation(binding)
                 if alloc is not None:
-                    held[binding.handle] = alloc
+                    held[binding.handle] = (alloc, 0)
         with self._lock:
             self._held = held
 
     def get(self, handle: tuple[str, str, str]) -> Allocation | None:
         with self._lock:
-            return self._held.get(handle)
+            entry = self._held.get(handle)
+        return entry[0] if entry is not None else None
 
     def allocations(self, network: str | None = None) -> list[Allocation]:
         with self._lock:
-            return [a for a in self._held.values() if network is None or a.owner.network == network]
+            held = [a for a, _ in self._held.values()]
+        return [a for a in held if network is None or a.owner.network == network]
 
-    def forget_moved(self, bindings: Iterable[FixedBinding]) -> list[Allocation]:
-        """Drop from memory what the bindings say is no longer this node's (taken over by a
-        newer generation elsewhere, or released); the allocations dropped."""
+    def forget_moved(self, bindings: Iterable[FixedBinding], revision: int) -> list[Allocation]:
+        """Drop from memory what `bindings` (the store at `revision`) say is no longer this
+        node's (taken over by a newer generation elsewhere, or released), unless this node's
+        claim is newer than that view; the allocations dropped."""
         current = {b.ip: b for b in bindings}
         dropped = []
         with self._lock:
-            for handle, alloc in list(self._held.items()):
+            for handle, (alloc, claimed_at) in list(self._held.items()):
+                if claimed_at > revision:
+                    continue
                 binding = current.get(alloc.ip)
                 if binding is None or binding.handle != handle or binding.node != self.node:
-                    dropped.append(self._held.pop(handle))
+                    dropped.append(self._held.pop(handle)[0])
         return dropped
 
     # ---- ADD / DEL ----------------------------------------------------------------------------
@@ -109,7 +117,7 @@ class FixedAllocator:
             netns=netns, netns_inode=netns_inode,
         )  # fmt: skip
         with self._lock:
-            self._held[owner.handle] = claimed.allocation
+            self._held[owner.handle] = (claimed.allocation, claimed.revision)
         if claimed.replaced is not None:
             log.warning(
                 "AUDIT move %s %s to node %s: %s replaces %s (was on %s)",
@@ -121,8 +129,7 @@ class FixedAllocator:
 
     def release(self, handle: tuple[str, str, str]) -> Allocation | None:
         """Owner-checked; None when the handle holds no fixed IP (or lost it to a newer pod)."""
-        with self._lock:
-            alloc = self._held.get(handle)
+        alloc = self.get(handle)
         let_go = self.bindings.release(handle, self.node)
         with self._lock:
             self._held.pop(handle, None)

@@ -55,6 +55,7 @@ class Claimed:
     existed: bool  # the same attachment held it already (a repeated ADD)
     replaced: Generation | None  # the generation it was taken from (a move or a restart)
     previous_node: str = ""  # where that generation was
+    revision: int = 0  # the store revision of the claim
 
 
 class FixedBindings:
@@ -215,9 +216,11 @@ class FixedBindings:
                 ops.append(self._index_put(identity, ip))
             if current.handle is not None and current.handle != owner.handle:
                 ops.append(Delete(self.keys.handle(*current.handle)))
-            if self.store.txn(state.compares, ops).succeeded:
+            result = self.store.txn(state.compares, ops)
+            if result.succeeded:
                 replaced = current.generation if current.generation != generation else None
-                return Claimed(binding, alloc, existed, replaced, current.node if replaced else "")
+                previous = current.node if replaced else ""
+                return Claimed(binding, alloc, existed, replaced, previous, result.revision)
         raise Conflict(f"claiming {ip} kept conflicting with other changes; retry")
 
     def release(self, handle: tuple[str, str, str], node: str) -> FixedBinding | None:
