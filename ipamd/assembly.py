@@ -35,7 +35,8 @@ from ipamd.node import GarbageReport, NodeIpam
 from ipamd.node_state import NodeStateFile
 from ipamd.ops import NO_NETWORK
 from ipamd.pool import PoolStatus
-from ipamd.routing.lease_watch import LeaseWatcher
+from ipamd.routing import lease_watch as routing_watchers
+from ipamd.routing.lease_watch import FixedWatcher, LeaseWatcher
 from ipamd.store.base import Store
 from ipamd.store.keys import Keys
 from ipamd.sync import StoreFollower
@@ -80,8 +81,9 @@ class NodeParts:
     guard: StoreGuard
     follower: StoreFollower
     revision: int  # the allocator was loaded at it: the follower watches from the next one
-    lease_watcher: LeaseWatcher
-    lease_revision: int  # the lease listing's: the lease watcher watches after it
+    fixed: FixedAllocator
+    lease_watcher: LeaseWatcher  # every node's leases (loaded: it watches after its revision)
+    fixed_watcher: FixedWatcher  # every fixed-IP binding (likewise)
 
 
 def assemble_node(
@@ -160,7 +162,7 @@ def assemble_node(
         guard.saw_revision(revision)
         metrics.count_watch_event("subnet")
 
-    lease_watcher = LeaseWatcher(
+    lease_watcher = routing_watchers.lease_watcher(
         store,
         keys,
         cfg.node_name,
@@ -168,9 +170,15 @@ def assemble_node(
         on_revision=saw_lease_event,
         on_relist=lambda: metrics.count_watch_restart("error"),
     )
-    lease_revision = lease_watcher.load()
+    lease_watcher.load()
+    fixed_watcher = routing_watchers.fixed_watcher(
+        store, keys, on_relist=lambda: metrics.count_watch_restart("error")
+    )
+    # A fixed IP taken over by a newer pod elsewhere leaves this node's memory.
+    fixed_watcher.on_change = lambda snapshot, rev: fixed.forget_moved(snapshot.values(), rev)
+    fixed_watcher.load()
     return NodeParts(
-        ipam, leases, allocator, guard, follower, revision, lease_watcher, lease_revision
+        ipam, leases, allocator, guard, follower, revision, fixed, lease_watcher, fixed_watcher
     )
 
 

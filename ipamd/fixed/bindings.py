@@ -277,13 +277,20 @@ class FixedBindings:
     def _read(
         self, ip: IPAddress, identity: Identity, handle: tuple[str, str, str] | None = None
     ) -> _State:
-        """Everything a decision about `ip` depends on, with the compares that pin it."""
+        """Everything a decision about `ip` depends on, with the compares that pin it. Every
+        change of a fixed IP writes its binding, so a binding read the same before and after the
+        other keys means they were read between two such changes (the txn's compares catch any
+        later one)."""
         keys = [self.keys.fixed(ip), self.keys.ip(ip), self.keys.released(ip)]
         if identity.named:
             keys.append(self.keys.fixed_identity(identity.namespace, identity.name))
         if handle is not None:
             keys.append(self.keys.handle(*handle))
-        kvs = {k: self.store.get(k) for k in keys}
+        for _ in range(TXN_RETRIES):  # one key at a time: re-read until no claim came between
+            kvs = {k: self.store.get(k) for k in keys}
+            again = self.store.get(keys[0])
+            if _revision(again) == _revision(kvs[keys[0]]):
+                break
         bkv = kvs[keys[0]]
         binding = FixedBinding.from_json(ip, bkv.value) if bkv is not None else None
         if identity.named and (index := kvs[keys[3]]) is not None and _ip(index.value) != ip:
@@ -335,6 +342,10 @@ class _State:
     ip_record: KeyValue | None
     released: KeyValue | None
     compares: list[Compare]
+
+
+def _revision(kv: KeyValue | None) -> int:
+    return kv.mod_revision if kv is not None else 0
 
 
 def _ip(value: bytes) -> IPAddress:
