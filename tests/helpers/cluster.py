@@ -72,6 +72,7 @@ class Cluster:
         lease_ttl: float | None = None,
         daemon_args: tuple[str, ...] = (),
         init_network: bool = True,
+        fixed_ranges: tuple[str, ...] = (),
     ) -> None:
         self.run_id = secrets.token_hex(3)
         self.prefix = f"mc{self.run_id}"
@@ -81,6 +82,7 @@ class Cluster:
         self.reconcile_interval, self.lease_ttl = reconcile_interval, lease_ttl
         self.daemon_args = daemon_args
         self.init_network = init_network
+        self.fixed_ranges = fixed_ranges
         self.underlay = Underlay(self.prefix, nodes, routed)
         self.workdir = Path(tempfile.gettempdir()) / self.prefix  # made by build()
         self._own_workdir = False  # only a dir this cluster made is removed
@@ -214,6 +216,8 @@ class Cluster:
         args = ["--network", NETWORK, "--subnet-len", str(SUBNET_LEN), "--backend", self.backend]
         args += ["--vni", str(self.vni)] if self.vni is not None else []
         args += ["--vxlan-port", str(self.vxlan_port)] if self.vxlan_port is not None else []
+        for fixed in self.fixed_ranges:
+            args += ["--fixed-range", fixed]
         proc = self.moorctl(next(iter(self.nodes)), "network", "init", *args)
         if proc.returncode != 0:
             raise RuntimeError(f"moorctl network init failed: {proc.stderr.strip()}")
@@ -290,8 +294,11 @@ class Cluster:
     def conf(self, name: str) -> dict[str, Any]:
         return {"cniVersion": "1.0.0", "name": CNI_NETWORK, **self.nodes[name].daemon.plugin()}
 
-    def cni(self, command: str, node: str, pod_netns: str, container_id: str) -> dict[str, Any]:
-        """One CNI call through bin/moor run inside the node's netns; the parsed result."""
+    def cni(
+        self, command: str, node: str, pod_netns: str, container_id: str, cni_args: str = ""
+    ) -> dict[str, Any]:
+        """One CNI call through bin/moor run inside the node's netns; the parsed result. The pod
+        identity is `mc/<netns>` unless `cni_args` says otherwise."""
         proc = subprocess.run(
             ["ip", "netns", "exec", self.nodes[node].netns, str(SHIM)],
             input=json.dumps(self.conf(node)).encode(),
@@ -300,7 +307,8 @@ class Cluster:
                 "CNI_CONTAINERID": container_id,
                 "CNI_NETNS": f"/run/netns/{pod_netns}",
                 "CNI_IFNAME": "eth0",
-                "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE=mc;K8S_POD_NAME={pod_netns}",
+                "CNI_ARGS": cni_args
+                or f"IgnoreUnknown=1;K8S_POD_NAMESPACE=mc;K8S_POD_NAME={pod_netns}",
                 "CNI_PATH": f"{SHIM.parent}:{REFERENCE_PLUGINS}",
                 "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
             },
@@ -330,6 +338,16 @@ class Cluster:
             made = list(pool.map(add, specs))
         self.pods += made
         return made
+
+    def add_pod(self, node: str, cni_args: str) -> Pod:
+        """One new pod on `node` with these CNI_ARGS (a pod identity, a requested IP)."""
+        numbers = self._pod_numbers.setdefault(node, itertools.count(1))
+        netns = f"{self.prefix}-{node}p{next(numbers)}"
+        self.underlay.add_netns([netns])
+        result = self.cni("ADD", node, netns, netns, cni_args)
+        pod = Pod(netns, node, result["ips"][0]["address"].split("/")[0], netns, result)
+        self.pods.append(pod)
+        return pod
 
     def delete_pod(self, pod: Pod) -> None:
         self.cni("DEL", pod.node, pod.name, pod.container_id)
