@@ -33,7 +33,7 @@ from typing import Any
 from tests.helpers.etcd import EtcdServer
 from tests.helpers.moor import REFERENCE_PLUGINS, SHIM, Daemon
 from tests.helpers.traffic import EchoServer, start_echo_servers
-from tests.helpers.underlay import INFRA_IP, Underlay
+from tests.helpers.underlay import Addresses, Underlay
 
 NETWORK = "10.201.0.0/16"
 SUBNET_LEN = 24
@@ -60,6 +60,9 @@ class Pod:
 
 
 class Cluster:
+    daemon_type: type[Daemon] = Daemon  # the bench's types make their processes die with it
+    etcd_type: type[EtcdServer] = EtcdServer
+
     def __init__(
         self,
         *,
@@ -73,21 +76,27 @@ class Cluster:
         daemon_args: tuple[str, ...] = (),
         init_network: bool = True,
         fixed_ranges: tuple[str, ...] = (),
+        prefix: str = "mc",
+        addresses: Addresses | None = None,
+        network: str = NETWORK,
     ) -> None:
         self.run_id = secrets.token_hex(3)
-        self.prefix = f"mc{self.run_id}"
-        self.key_prefix = f"/mc-{self.run_id}"
+        self.prefix = f"{prefix}{self.run_id}"  # of its netns, temp dir and etcd member
+        self.key_prefix = f"/{prefix}-{self.run_id}"
+        self.network = network
+        self.addresses = addresses or Addresses()
         self.backend = backend
         self.vni, self.vxlan_port = vni, vxlan_port
         self.reconcile_interval, self.lease_ttl = reconcile_interval, lease_ttl
         self.daemon_args = daemon_args
         self.init_network = init_network
         self.fixed_ranges = fixed_ranges
-        self.underlay = Underlay(self.prefix, nodes, routed)
+        self.underlay = Underlay(self.prefix, nodes, routed, self.addresses)
         self.workdir = Path(tempfile.gettempdir()) / self.prefix  # made by build()
         self._own_workdir = False  # only a dir this cluster made is removed
-        self.etcd = EtcdServer(self.workdir / "etcd", name=self.prefix, client_port=2379,
-                               peer_port=2380, host=INFRA_IP, netns=self.underlay.infra)  # fmt: skip
+        self.etcd = self.etcd_type(self.workdir / "etcd", name=self.prefix, client_port=2379,
+                                   peer_port=2380, host=self.addresses.infra_ip,
+                                   netns=self.underlay.infra)  # fmt: skip
         self.nodes: dict[str, Node] = {}
         self._pod_numbers: dict[str, itertools.count] = {}
         self.pods: list[Pod] = []
@@ -119,9 +128,9 @@ class Cluster:
         self.processes.append(self.etcd.proc)  # type: ignore[arg-type]
         for name in self.underlay.node_names():
             netns, ip = self.underlay.ns(name), self.underlay.node_ip(name)
-            daemon = Daemon(workdir=self.workdir / name, name=name, network="", bridge=BRIDGE,
-                            store_url=f"etcd://{INFRA_IP}:2379", key_prefix=self.key_prefix,
-                            netns=netns)  # fmt: skip
+            daemon = self.daemon_type(workdir=self.workdir / name, name=name, network="",
+                                      bridge=BRIDGE, store_url=self.etcd.url,
+                                      key_prefix=self.key_prefix, netns=netns)  # fmt: skip
             self.nodes[name] = Node(name, netns, ip, daemon)
         self.start(*self.nodes, wait=False)
         if self.init_network:
@@ -213,7 +222,8 @@ class Cluster:
         return self.nodes[name].daemon.moorctl(*args)
 
     def network_init(self) -> None:
-        args = ["--network", NETWORK, "--subnet-len", str(SUBNET_LEN), "--backend", self.backend]
+        args = ["--network", self.network, "--subnet-len", str(SUBNET_LEN)]
+        args += ["--backend", self.backend]
         args += ["--vni", str(self.vni)] if self.vni is not None else []
         args += ["--vxlan-port", str(self.vxlan_port)] if self.vxlan_port is not None else []
         for fixed in self.fixed_ranges:
