@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import socket
 
 from cni_plugin.datapath import bridge as br
-from cni_plugin.datapath import routes, veth
+from cni_plugin.datapath import routes, veth, vxlan
 from cni_plugin.datapath.errors import DatapathError
-from cni_plugin.datapath.rtnl_codec import RT_SCOPE_LINK, RouteMsg
+from cni_plugin.datapath.rtnl_codec import RT_SCOPE_LINK, NeighMsg, RouteMsg
 from cni_plugin.ipam import FIXED_GATEWAY, AssignedAddress
 from cni_plugin.iptypes import IPAddress
 
@@ -53,3 +54,12 @@ def attach_host(host_name: str, ip: IPAddress) -> None:
             with open(path, "w") as f:
                 f.write(value)
     routes.replace_route(RouteMsg(str(ip), ip.max_prefixlen, oif=index, scope=RT_SCOPE_LINK))
+
+
+def detach_host(host_name: str, ip: IPAddress) -> None:
+    """The fixed IP moved to another node while this pod is still here (its DEL not run yet):
+    forget the neighbour entry toward it, so nothing on this node points at the old pod. The
+    route was changed by the reconcile; the veth goes with the DEL."""
+    index = veth.host_veth_index(host_name)
+    if index is not None:
+        vxlan.delete_entry(NeighMsg(socket.AF_INET, index, "", str(ip), 0))

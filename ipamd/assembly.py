@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from cni_plugin import kernel_record
+from cni_plugin import fixed_pod, kernel_record
 from cni_plugin.attachments import AttachmentLocks
 from cni_plugin.datapath.inventory import host_link_aliases, host_link_names
 from cni_plugin.kernel_record import AttachmentRecord
@@ -131,7 +131,9 @@ def assemble_node(
         revision = store.revision()
         allocator.load()
     bindings = FixedBindings(store, keys, lambda: leases.config.fixed_ranges, cooldown=cfg.cooldown)
-    fixed = FixedAllocator(bindings, StickyRules(store, keys), cfg.node_name)
+    fixed = FixedAllocator(
+        bindings, StickyRules(store, keys), cfg.node_name, detach=fixed_pod.detach_host
+    )
     fixed.load()
     ipam = NodeIpam(
         store,
@@ -174,8 +176,8 @@ def assemble_node(
     fixed_watcher = routing_watchers.fixed_watcher(
         store, keys, on_relist=lambda: metrics.count_watch_restart("error")
     )
-    # A fixed IP taken over by a newer pod elsewhere leaves this node's memory.
-    fixed_watcher.on_change = lambda snapshot, rev: fixed.forget_moved(snapshot.values(), rev)
+
+    fixed_watcher.on_change = fixed.follow  # a fixed IP a newer pod took elsewhere leaves
     fixed_watcher.load()
     return NodeParts(
         ipam, leases, allocator, guard, follower, revision, fixed, lease_watcher, fixed_watcher

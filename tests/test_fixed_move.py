@@ -47,6 +47,12 @@ def routes_to(c: Cluster, node: str, ip: str) -> list[dict]:
     return json.loads(out or "[]")
 
 
+def neighbours_of(c: Cluster, node: str, ip: str) -> list[dict]:
+    out = subprocess.run(["ip", "-n", c.nodes[node].netns, "-j", "neigh", "show", "to", ip],
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    return [n for n in json.loads(out or "[]") if "FAILED" not in n.get("state", [])]
+
+
 def wait_for(what: str, check, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while not check():
@@ -95,6 +101,8 @@ def test_a_fixed_ip_follows_its_pod_and_a_late_del_frees_nothing(backend: str) -
         (here,) = routes_to(c, "n2", DB_IP)
         assert here["dev"] == new.result["interfaces"][0]["name"] and here["scope"] == "link"
         assert not probe(client.name, [Probe(DB_IP, port=OLD_PORT, timeout=0.3)])[0].ok
+        wait_for("node 1 to forget its old pod's neighbour entry",
+                 lambda: neighbours_of(c, "n1", DB_IP) == [])  # fmt: skip
 
         # Node 1's late DEL frees nothing: node 2's pod keeps the IP and its traffic.
         c.delete_pod(old)

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 
+from cni_plugin.datapath.errors import DatapathError
 from ipamd.errors import IpamError
 from ipamd.fixed.bindings import Claimed, FixedBindings, FixedIPUnavailable
 from ipamd.fixed.model import REQUEST, RESERVATION, STICKY, FixedBinding, Identity
@@ -39,10 +40,18 @@ class FixedRangesExhausted(IpamError):
 
 
 class FixedAllocator:
-    def __init__(self, bindings: FixedBindings, rules: StickyRules, node: str) -> None:
+    def __init__(
+        self,
+        bindings: FixedBindings,
+        rules: StickyRules,
+        node: str,
+        *,
+        detach: Callable[[str, IPAddress], None] = lambda host_veth, ip: None,
+    ) -> None:
         self.bindings = bindings
         self.rules = rules
         self.node = node
+        self.detach = detach  # forget the neighbour toward a pod whose IP moved away
         self._lock = threading.Lock()
         self._held: dict[tuple[str, str, str], tuple[Allocation, int]] = {}
 
@@ -82,6 +91,18 @@ class FixedAllocator:
                 if binding is None or binding.handle != handle or binding.node != self.node:
                     dropped.append(self._held.pop(handle)[0])
         return dropped
+
+    def follow(self, snapshot: Mapping[IPAddress, FixedBinding], revision: int) -> None:
+        """The fixed-binding watcher's view changed: what moved away leaves memory, and the
+        node's neighbour entry toward the old pod goes (the reconcile changes the route)."""
+        for alloc in self.forget_moved(snapshot.values(), revision):
+            log.warning("AUDIT moved-away %s of %s: node %s no longer hosts it",
+                        alloc.ip, alloc.owner.pod or "-", self.node)  # fmt: skip
+            if alloc.host_veth:
+                try:
+                    self.detach(alloc.host_veth, alloc.ip)
+                except DatapathError as exc:
+                    log.warning("forgetting the neighbour of %s: %s", alloc.ip, exc)
 
     # ---- ADD / DEL ----------------------------------------------------------------------------
     def choose(
