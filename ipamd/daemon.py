@@ -180,11 +180,19 @@ class Daemon:
         node.leases.start_renewal()
         self._spawn("store-follower", lambda: node.follower.run(node.revision + 1))
         self.routing = NodeRouting.build(
-            node.leases, self.public_ip, interval=self.cfg.reconcile_interval, metrics=self.metrics
+            node.leases,
+            self.public_ip,
+            interval=self.cfg.reconcile_interval,
+            metrics=self.metrics,
+            local_fixed=lambda: {a.ip: a.host_veth for a in node.fixed.allocations()},
         )
         if self.routing is not None:  # routes to the other nodes are in place before ready
-            self.routing.start(node.lease_watcher, self._stop, self._spawn)
-        self._spawn("lease-watch", lambda: node.lease_watcher.run(node.lease_revision, self._stop))
+            self.routing.start(node.lease_watcher, node.fixed_watcher, self._stop, self._spawn)
+        for name, watcher in (
+            ("lease-watch", node.lease_watcher),
+            ("fixed-watch", node.fixed_watcher),
+        ):
+            self._spawn(name, lambda w=watcher: w.run(w.revision, self._stop))
         self.metrics.track(node.ipam)
         return node.ipam
 

@@ -33,6 +33,7 @@ from ipamd.fixed.model import (
     Identity,
 )
 from ipamd.model import Allocation, IPAddress, IPNetwork, Owner
+from ipamd.records import ip_records, records
 from ipamd.store.base import Compare, Delete, KeyValue, Put, Store
 from ipamd.store.keys import Keys
 
@@ -55,6 +56,8 @@ class Claimed:
     allocation: Allocation
     existed: bool  # the same attachment held it already (a repeated ADD)
     replaced: Generation | None  # the generation it was taken from (a move or a restart)
+    previous_node: str = ""  # where that generation was
+    revision: int = 0  # the store revision of the claim
 
 
 class FixedBindings:
@@ -87,6 +90,27 @@ class FixedBindings:
             return None
         binding = self.get(_ip(kv.value))
         return binding if binding is not None and binding.identity == identity else None
+
+    def allocation(self, binding: FixedBinding) -> Allocation | None:
+        """The IP record of a held binding, if it is the holder's."""
+        kv = self.store.get(self.keys.ip(binding.ip))
+        if kv is None:
+            return None
+        alloc = Allocation.from_json(binding.ip, kv.value)
+        return alloc if alloc.owner.handle == binding.handle else None
+
+    def unavailable(self) -> set[IPAddress]:
+        """Fixed-range IPs that have an IP record or are cooling down (a binding aside); only
+        the key ranges of the fixed ranges are listed, never the whole cluster's records."""
+        ranges = list(self.fixed_ranges())
+        out = {ip for ip, _ in ip_records(self.store, self.keys, ranges)}
+        now = self.clock()
+        for kv in records(self.store, self.keys, "released", ranges):
+            ip = self.keys.parse_released(kv.key)
+            at = float(json.loads(kv.value).get("releasedAt", 0))
+            if ip is not None and self.is_fixed(ip) and now - at < self.cooldown:
+                out.add(ip)
+        return out
 
     def all(self) -> list[FixedBinding]:
         items, _ = self.store.list_prefix(self.keys.fixed_prefix())
@@ -202,9 +226,11 @@ class FixedBindings:
                 ops.append(self._index_put(identity, ip))
             if current.handle is not None and current.handle != owner.handle:
                 ops.append(Delete(self.keys.handle(*current.handle)))
-            if self.store.txn(state.compares, ops).succeeded:
+            result = self.store.txn(state.compares, ops)
+            if result.succeeded:
                 replaced = current.generation if current.generation != generation else None
-                return Claimed(binding, alloc, existed, replaced)
+                previous = current.node if replaced else ""
+                return Claimed(binding, alloc, existed, replaced, previous, result.revision)
         raise Conflict(f"claiming {ip} kept conflicting with other changes; retry")
 
     def release(self, handle: tuple[str, str, str], node: str) -> FixedBinding | None:
@@ -261,13 +287,20 @@ class FixedBindings:
     def _read(
         self, ip: IPAddress, identity: Identity, handle: tuple[str, str, str] | None = None
     ) -> _State:
-        """Everything a decision about `ip` depends on, with the compares that pin it."""
+        """Everything a decision about `ip` depends on, with the compares that pin it. Every
+        change of a fixed IP writes its binding, so a binding read the same before and after the
+        other keys means they were read between two such changes (the txn's compares catch any
+        later one)."""
         keys = [self.keys.fixed(ip), self.keys.ip(ip), self.keys.released(ip)]
         if identity.named:
             keys.append(self.keys.fixed_identity(identity.namespace, identity.name))
         if handle is not None:
             keys.append(self.keys.handle(*handle))
-        kvs = {k: self.store.get(k) for k in keys}
+        for _ in range(TXN_RETRIES):  # one key at a time: re-read until no claim came between
+            kvs = {k: self.store.get(k) for k in keys}
+            again = self.store.get(keys[0])
+            if _revision(again) == _revision(kvs[keys[0]]):
+                break
         bkv = kvs[keys[0]]
         binding = FixedBinding.from_json(ip, bkv.value) if bkv is not None else None
         if identity.named and (index := kvs[keys[3]]) is not None and _ip(index.value) != ip:
@@ -319,6 +352,10 @@ class _State:
     ip_record: KeyValue | None
     released: KeyValue | None
     compares: list[Compare]
+
+
+def _revision(kv: KeyValue | None) -> int:
+    return kv.mod_revision if kv is not None else 0
 
 
 def _ip(value: bytes) -> IPAddress:
