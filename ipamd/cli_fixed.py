@@ -89,7 +89,7 @@ def binding_dict(b: Any) -> dict[str, Any]:
 
 def generation(b: dict[str, Any]) -> str:
     g = b["generation"]
-    return f"{g['uid'] or '-'}/{g['containerID'][:12]}" if g else "-"
+    return f"{g['uid'][:8] or '-'}/{g['containerID'][:12]}" if g else "-"
 
 
 def list_fixed(channel: Any, args: argparse.Namespace, **filters: str) -> list[dict[str, Any]]:

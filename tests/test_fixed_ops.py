@@ -2,10 +2,13 @@
 `status`, the audit trail, the `moor_fixed_ips` gauge and the daemon's retention sweep.
 
 Pure logic (audit lines, durations, the actor) runs in process; `FixedOps` runs on a real store,
-SQLite and etcd; the end-to-end tests drive real moor-ipamd processes (nodes `mfo1`, `mfo2`,
-bridges `mfobr0`, `mfobr1`, started with `--network ""` and given 10.206.0.0/16 with the fixed
-range 10.206.250.0/24 by `moorctl network init`) with moorctl as a subprocess. Bindings in states
-the CNI path cannot make yet are written through `FixedBindings` on the daemons' own store.
+SQLite and etcd (two sweepers forced to decide on the same read end a retention once). The
+end-to-end tests drive real moor-ipamd processes (nodes `mfo1`, `mfo2`, bridges `mfobr0`,
+`mfobr1`, netns `mfo-*`, started with `--network ""` and given 10.206.0.0/16 with the fixed range
+10.206.250.0/24 by `moorctl network init`) with moorctl as a subprocess and pods through the exec
+path: a reserved IP and a sticky pod's retention go through real CNI ADD and DEL.
+`test_ips_fixed_status_and_the_gauge` writes bindings through `FixedBindings` on the daemon's
+SQLite file instead, to have every state at once (one last held on a node that does not run).
 """
 
 from __future__ import annotations
@@ -36,7 +39,6 @@ from ipamd.cli_output import CliError
 from ipamd.errors import NotFound
 from ipamd.fixed.bindings import FixedBindings, FixedIPUnavailable
 from ipamd.fixed.model import REQUEST, STICKY, Identity
-from ipamd.fixed.sticky import StickyRules
 from ipamd.fixed_ops import Actor, FixedOps
 from ipamd.metrics import Metrics
 from ipamd.model import Owner
@@ -48,13 +50,14 @@ from ipamd.store.open import open_store
 from ipamd.store.sqlite import SqliteStore
 from tests.conftest import start_daemon
 from tests.helpers.clock import FakeClock
-from tests.helpers.moor import REPO, Daemon
+from tests.helpers.moor import REPO, Daemon, ExecRuntime, delete_netns, make_netns, plugin_config
 
 NETWORK = "10.206.0.0/16"
 FIXED = "10.206.250.0/24"
 IP7, IP8, IP9 = "10.206.250.7", "10.206.250.8", "10.206.250.9"
 HOST = socket.gethostname()
 ALICE = f"alice@{HOST}"
+_run = secrets.token_hex(3)
 
 
 # ---- pure logic -----------------------------------------------------------------------------
@@ -599,43 +602,120 @@ def test_ips_fixed_status_and_the_gauge(tmp_path: Path, daemons: list[Daemon]) -
     assert value(samples, "moor_fixed_ip_move_seconds_count") == 0
 
 
-@pytest.mark.root
-def test_the_retention_sweep_ends_a_retained_ip(
-    tmp_path: Path, shared_store: tuple[str, str], daemons: list[Daemon]
+@pytest.fixture
+def netns() -> Iterator[Any]:
+    made: list[str] = []
+
+    def factory() -> str:
+        name = f"mfo-{_run}-{len(made)}"
+        made.append(name)
+        return make_netns(name)
+
+    yield factory
+    for name in made:
+        delete_netns(name)
+
+
+def wait_ready(d: Daemon) -> None:
+    deadline = time.monotonic() + 10
+    while not d.status()["ready"]:
+        assert time.monotonic() < deadline, d.log_path.read_text()[-2000:]
+        time.sleep(0.1)
+
+
+def pod_args(name: str, uid: str, extra: str = "") -> str:
+    return f"{extra}K8S_POD_NAMESPACE=prod;K8S_POD_NAME={name};K8S_POD_UID={uid}"
+
+
+@pytest.mark.netns
+def test_a_reserved_ip_through_cni(tmp_path: Path, daemons: list[Daemon], netns: Any) -> None:
+    """Reserve, the pod's ADD gets the IP, another pod asking for it gets 105; unreserve while
+    the pod runs: it keeps the IP until its DEL, which ends the binding."""
+    one = start(daemons, tmp_path, 1)
+    network_init(one)
+    wait_ready(one)
+    ok(ctl(one, "reserve", "prod/web-0", IP8))
+    rt = ExecRuntime()
+    conf = plugin_config("mfonet", "1.0.0", one.plugin())
+    path = netns()
+    add = rt.add(conf, path, "mfo-web0-a", cni_args=pod_args("web-0", "uid-w0"))
+    assert add.rc == 0, add.out
+    assert [ip["address"] for ip in add.out["ips"]] == [f"{IP8}/32"]
+
+    (reservation,) = ctl_json(one, "reservations")
+    assert (reservation["state"], reservation["node"], reservation["reservedBy"]) == (
+        "held", "mfo1", ALICE,
+    )  # fmt: skip
+    assert reservation["generation"] == {"uid": "uid-w0", "containerID": "mfo-web0-a"}
+    assert reservation["hostVeth"] == add.out["interfaces"][0]["name"]
+    assert [(b["ip"], b["source"]) for b in ctl_json(one, "status")["fixed"]] == [
+        (IP8, "reservation")
+    ]
+    assert value(scrape(one), "moor_fixed_ips", state="held") == 1
+    intruder = rt.add(
+        conf, netns(), "mfo-web1-a", cni_args=pod_args("web-1", "uid-w1", f"IP={IP8};")
+    )
+    assert intruder.code == 105 and IP8 in intruder.out["msg"], intruder.out
+
+    assert ok(ctl(one, "unreserve", "prod/web-0")) == (
+        f"unreserved {IP8} (prod/web-0): its pod on node mfo1 keeps it until its DEL"
+    )
+    assert [(b["ip"], b["state"], b["source"]) for b in ctl_json(one, "ips", "--fixed")] == [
+        (IP8, "held", "request")
+    ]
+    assert rt.delete(conf, path, "mfo-web0-a", cni_args=pod_args("web-0", "uid-w0")).rc == 0
+    assert ctl_json(one, "ips", "--fixed") == []  # a per-request binding ends with its pod
+    assert [a.split()[1] for a in audit_lines(one)] == ["reserve", "unreserve"]
+
+
+@pytest.mark.netns
+def test_the_retention_sweep_ends_a_sticky_pods_ip(
+    tmp_path: Path, shared_store: tuple[str, str], daemons: list[Daemon], netns: Any
 ) -> None:
+    """A sticky pod (rule with `--retain 2s`) through CNI ADD and DEL on node 1; both daemons
+    sweep every second; the binding ends once, after the retention, and the IP cools down."""
     url, prefix = shared_store
     fast = {"store_url": url, "key_prefix": prefix, "extra_args": ["--leak-gc-interval", "1"]}
     one = start(daemons, tmp_path, 1, **fast)
     two = start(daemons, tmp_path, 2, **fast)
     network_init(one)
-    ok(ctl(one, "sticky", "add", "--namespace", "prod", "--pod-regex", "db-[0-9]+",
+    ok(ctl(two, "sticky", "add", "--namespace", "prod", "--pod-regex", "db-[0-9]+",
            "--retain", "2s"))  # fmt: skip
+    wait_ready(one)
+    rt = ExecRuntime()
+    conf = plugin_config("mfonet", "1.0.0", one.plugin())
+    path = netns()
+    add = rt.add(conf, path, "mfo-db0-a", cni_args=pod_args("db-0", "uid-d0"))
+    assert add.rc == 0, add.out
+    ip = add.out["ips"][0]["address"].partition("/")[0]
+    assert ipaddress.ip_address(ip) in ipaddress.ip_network(FIXED)
 
-    # What the CNI path does for a matching pod's ADD and DEL, on the daemons' store.
+    (held,) = ctl_json(two, "ips", "--fixed")
+    assert (held["ip"], held["pod"], held["state"], held["source"], held["node"]) == (
+        ip, "prod/db-0", "held", "sticky", "mfo1",
+    )  # fmt: skip
+    assert (held["retainSeconds"], held["generation"]["uid"]) == (2, "uid-d0")
+    assert [b["ip"] for b in ctl_json(one, "status")["fixed"]] == [ip]
+    assert ctl_json(two, "status")["fixed"] == []  # held on mfo1, not on mfo2
+    time.sleep(3)  # longer than the retention: a held IP is not retained, nothing ends
+    assert [b["state"] for b in ctl_json(one, "ips", "--fixed")] == ["held"]
+
+    assert rt.delete(conf, path, "mfo-db0-a", cni_args=pod_args("db-0", "uid-d0")).rc == 0
+    released_at = time.time()
+    retained = ctl_json(two, "ips", "--fixed")
+    assert [b["state"] for b in retained] in (["retained"], [])  # the sweep may be quick
+    deadline = time.monotonic() + 20
+    while ctl_json(one, "ips", "--fixed") and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert ctl_json(one, "ips", "--fixed") == []
+    assert time.time() - released_at >= 2 - 0.5  # not before the retention is over
+    ended = [a for a in audit_lines(one, two) if a.startswith("AUDIT retention-ended")]
+    assert len(ended) == 1, ended  # both daemons sweep; one transaction ends it
+    assert re.fullmatch(rf"AUDIT retention-ended ip={ip} pod=prod/db-0 node=mfo1 "
+                        r"retain=2s released=\S+Z by=moor-ipamd@mfo[12]", ended[0])  # fmt: skip
+    assert value(scrape(one), "moor_fixed_ips", state="retained") == 0
     store = open_store(url)
     try:
-        keys = Keys(prefix)
-        rule = StickyRules(store, keys).match(Identity("prod", "db-0"))
-        assert rule is not None and rule.retain == 2
-        bindings = FixedBindings(store, keys, lambda: [ipaddress.ip_network(FIXED)])
-        ip = ipaddress.ip_address(IP7)
-        bindings.claim(ip, owner("db-0", "u1", "c1"), "mfo1", source=STICKY, retain=rule.retain)
-        released_at = time.time()
-        bindings.release(("mfonet", "c1", "eth0"), "mfo1")
-        assert [b["state"] for b in ctl_json(two, "ips", "--fixed")] == ["retained"]
-        assert value(scrape(two), "moor_fixed_ips", state="retained") == 1
-
-        deadline = time.monotonic() + 20
-        while ctl_json(one, "ips", "--fixed") and time.monotonic() < deadline:
-            time.sleep(0.3)
-        assert ctl_json(one, "ips", "--fixed") == []
-        assert time.time() - released_at >= 2  # not before the retention is over
-        ended = [a for a in audit_lines(one, two) if a.startswith("AUDIT retention-ended")]
-        assert len(ended) == 1, ended  # both daemons sweep; one transaction ends it
-        assert re.fullmatch(rf"AUDIT retention-ended ip={IP7} pod=prod/db-0 node=mfo1 "
-                            r"retain=2s released=\S+Z by=moor-ipamd@mfo[12]", ended[0])  # fmt: skip
-        assert store.get(keys.released(ip)) is not None  # the IP cools down like any other
-        assert bindings.of_identity(Identity("prod", "db-0")) is None
+        assert store.get(Keys(prefix).released(ipaddress.ip_address(ip))) is not None  # cooling
     finally:
         store.close()
-    assert value(scrape(one), "moor_fixed_ips", state="retained") == 0
