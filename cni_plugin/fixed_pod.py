@@ -20,6 +20,7 @@ import socket
 from cni_plugin.datapath import bridge as br
 from cni_plugin.datapath import routes, veth, vxlan
 from cni_plugin.datapath.errors import DatapathError
+from cni_plugin.datapath.netns import run_in_netns
 from cni_plugin.datapath.rtnl_codec import RT_SCOPE_LINK, NeighMsg, RouteMsg
 from cni_plugin.ipam import FIXED_GATEWAY, AssignedAddress
 from cni_plugin.iptypes import IPAddress
@@ -34,10 +35,19 @@ def pod_routes() -> list[veth.Route]:
 
 
 def configure(netns_fd: int, ifname: str, alloc: AssignedAddress, host_mac: str) -> None:
-    """The pod's side: its /32, the gateway as a permanent neighbour, the two routes."""
+    """The pod's side: its /32, the gateway as a permanent neighbour, the two routes; and
+    arp_notify, so the interface announces the IP (gratuitous ARP) when it comes up: after a
+    move, whatever on its link still knew the IP learns where it is now."""
+    run_in_netns(netns_fd, lambda: _write_sysctl(f"/proc/sys/net/ipv4/conf/{ifname}/arp_notify"))
     veth.configure_pod_interface(
         netns_fd, ifname, [alloc.interface], pod_routes(), [(FIXED_GATEWAY, host_mac)]
     )
+
+
+def _write_sysctl(path: str, value: str = "1") -> None:
+    with contextlib.suppress(OSError):  # a kernel without the knob: nothing to announce with
+        with open(path, "w") as f:
+            f.write(value)
 
 
 def attach_host(host_name: str, ip: IPAddress) -> None:
@@ -46,13 +56,8 @@ def attach_host(host_name: str, ip: IPAddress) -> None:
     index = veth.host_veth_index(host_name)
     if index is None:
         raise DatapathError(f"host veth {host_name} vanished before its route was added")
-    for path, value in (
-        (f"/proc/sys/net/ipv4/conf/{host_name}/proxy_arp", "1"),
-        (f"/proc/sys/net/ipv4/neigh/{host_name}/proxy_delay", "0"),
-    ):
-        with contextlib.suppress(OSError):  # a kernel without the knob: the neighbour suffices
-            with open(path, "w") as f:
-                f.write(value)
+    _write_sysctl(f"/proc/sys/net/ipv4/conf/{host_name}/proxy_arp")
+    _write_sysctl(f"/proc/sys/net/ipv4/neigh/{host_name}/proxy_delay", "0")
     routes.replace_route(RouteMsg(str(ip), ip.max_prefixlen, oif=index, scope=RT_SCOPE_LINK))
 
 

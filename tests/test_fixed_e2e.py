@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import require
-from tests.helpers import traffic
+from tests.helpers import oracle, traffic
 from tests.helpers.moor import Daemon, ExecRuntime, delete_netns, make_netns
 from tests.helpers.oracle import ip_json
 
@@ -98,6 +98,8 @@ def test_a_requested_fixed_ip_gets_a_32_and_talks_to_bridge_pods_both_ways(
         host_veth, "109", "link",
     )  # fmt: skip
     assert "master" not in ip_json("link", "show", host_veth)[0]
+    assert oracle.sysctl("net/ipv4/conf/eth0/arp_notify", fixed_ns) == "1"  # announces the IP
+    assert oracle.sysctl(f"net/ipv4/conf/{host_veth}/proxy_arp") == "1"
 
     # Traffic both ways, unNATed.
     web_ip = web.out["ips"][0]["address"].split("/")[0]

@@ -3,7 +3,8 @@ host-gw and vxlan.
 
 `prod/db-0` holds a fixed IP on node 1; a pod on node 3 reaches it. db-0 is recreated on node 2
 (new pod UID) while node 1 has not run its DEL yet (the DEL is held back until after node 2's
-ADD, the race every peer has shipped a duplicate-IP bug from). Node 2 takes the IP over: node 3's
+ADD, the race every peer has shipped a duplicate-IP bug from). Every node filters reverse paths
+strictly (rp_filter=1). Node 2 takes the IP over: node 3's
 traffic reaches the new pod within 2 s (the old and the new pod serve different ports, so a reply
 says which one answered), node 1 routes the IP to node 2 and keeps no route to its old pod, and
 node 1's late DEL frees nothing.
@@ -65,6 +66,9 @@ def test_a_fixed_ip_follows_its_pod_and_a_late_del_frees_nothing(backend: str) -
     ok, why = etcd.available()
     require(ok, why)
     with Cluster(backend=backend, reconcile_interval=1, fixed_ranges=(FIXED_RANGE,)) as c:
+        for node in c.nodes.values():  # strict reverse-path filtering everywhere
+            subprocess.run(["ip", "netns", "exec", node.netns, "sysctl", "-qw",
+                            "net.ipv4.conf.all.rp_filter=1"], check=True)  # fmt: skip
         client = c.add_pods(per_node=1, nodes=["n3"])[0]
         old = c.add_pod("n1", db0("uid-1"))
         assert old.ip == DB_IP
