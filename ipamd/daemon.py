@@ -33,6 +33,7 @@ from ipamd.assembly import AwaitingNetwork, IpamSwitch, assemble_node, remembere
 from ipamd.cni_port import NodeIpamPort
 from ipamd.cni_server import CniEndpoint
 from ipamd.config import DaemonConfig
+from ipamd.fixed_ops import FixedOps
 from ipamd.grpc_gate import GrpcGate
 from ipamd.leakgc import LeakCollector
 from ipamd.metrics import Metrics
@@ -111,6 +112,9 @@ class Daemon:
             local=lambda: getattr(self, "allocator", None),
             route_states=self._route_states,
         )
+        self.fixed = FixedOps(self.store, self.keys, network=self.ops.network,
+                              node=cfg.node_name, cooldown=cfg.cooldown)  # fmt: skip
+        self.metrics.track_fixed(self.fixed.bindings.all)
         self.locks = AttachmentLocks()  # one per daemon: CNI verbs, gRPC, replays, GC
         self.ipam = self._initial_ipam()
         self.reaper = HostVethReaper()
@@ -137,7 +141,7 @@ class Daemon:
         self.grpc = GrpcServer(
             self.gate.private_path,
             IpamServicer(self.ipam, cfg.cooldown, self.locks),  # type: ignore[arg-type]
-            AdminServicer(self.ops),
+            AdminServicer(self.ops, self.fixed),
         )
         self.grpc.start()
         self.gate.start()
@@ -272,6 +276,7 @@ class Daemon:
             if time.monotonic() >= next_gc:
                 next_gc = time.monotonic() + self.cfg.leak_gc_interval
                 self._task("leak GC", self.leak_gc.sweep)
+                self._task("ending fixed-IP retentions", self.fixed.expire_retained)
 
     @staticmethod
     def _task(what: str, task: Callable[[], object]) -> None:

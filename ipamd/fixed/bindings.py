@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
@@ -36,6 +37,7 @@ from ipamd.records import ip_records, records
 from ipamd.store.base import Compare, Delete, KeyValue, Put, Store
 from ipamd.store.keys import Keys
 
+log = logging.getLogger(__name__)
 TXN_RETRIES = 16
 
 
@@ -115,8 +117,13 @@ class FixedBindings:
         out = []
         for kv in items:
             ip = self.keys.parse_fixed(kv.key)
-            if ip is not None:
+            if ip is None:
+                continue
+            try:
                 out.append(FixedBinding.from_json(ip, kv.value))
+            except (ValueError, TypeError, AttributeError, KeyError) as exc:
+                # one hand-edited record must not blind the listing and the retention sweep
+                log.warning("fixed binding %s is malformed, skipped: %s", kv.key, exc)
         return sorted(out, key=lambda b: int(b.ip))
 
     # ---- reservations -----------------------------------------------------------------------
@@ -143,14 +150,17 @@ class FixedBindings:
                 return binding
         raise Conflict(f"reserving {ip} kept conflicting with other changes; retry")
 
-    def unreserve(self, ip: IPAddress) -> FixedBinding:
-        """End a reservation. A pod holding the IP keeps it until its DEL (the binding becomes a
-        per-request one); otherwise the binding goes and the IP cools down."""
+    def unreserve(self, ip: IPAddress, expect: Identity | None = None) -> FixedBinding:
+        """End a reservation (of `expect` only, when given). A pod holding the IP keeps it until
+        its DEL (the binding becomes a per-request one); otherwise the binding goes and the IP
+        cools down."""
         for _ in range(TXN_RETRIES):
             kv = self.store.get(self.keys.fixed(ip))
             if kv is None:
                 raise NotFound(f"{ip} is not reserved")
             binding = FixedBinding.from_json(ip, kv.value)
+            if expect is not None and binding.identity != expect:
+                raise NotFound(f"{ip} is not reserved for {expect.text}")
             if binding.source != RESERVATION:
                 raise NotFound(f"{ip} is not reserved (it is {binding.source}, {binding.state})")
             compares = [Compare(kv.key, kv.mod_revision)]
