@@ -94,7 +94,10 @@ class AttachmentOwner:
 
     @property
     def pod(self) -> str:
-        return f"{self.pod_namespace}/{self.pod_name}" if self.pod_name else ""
+        """`namespace/name`; a pod without a namespace (podman) is its name alone."""
+        if not self.pod_name:
+            return ""
+        return f"{self.pod_namespace}/{self.pod_name}" if self.pod_namespace else self.pod_name
 
 
 @dataclass(frozen=True)

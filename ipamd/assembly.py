@@ -132,7 +132,12 @@ def assemble_node(
         allocator.load()
     bindings = FixedBindings(store, keys, lambda: leases.config.fixed_ranges, cooldown=cfg.cooldown)
     fixed = FixedAllocator(
-        bindings, StickyRules(store, keys), cfg.node_name, detach=fixed_pod.detach_host
+        bindings,
+        StickyRules(store, keys),
+        cfg.node_name,
+        detach=fixed_pod.detach_host,
+        on_move=metrics.count_fixed_move,
+        on_moved_away=metrics.observe_fixed_move,
     )
     fixed.load()
     ipam = NodeIpam(

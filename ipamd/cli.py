@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ipamd import cli_fixed
-from ipamd.cli_output import CliError, table, when
+from ipamd.cli_output import CliError, pod_text, table, when
 
 DEFAULT_SOCKET = "/run/moor/ipamd.sock"
 
@@ -46,7 +46,7 @@ def _status(stub: Any) -> dict[str, Any]:
         "allocations": [
             {
                 "ip": a.ip,
-                "pod": f"{a.owner.pod_namespace}/{a.owner.pod_name}" if a.owner.pod_name else "",
+                "pod": pod_text(a.owner.pod_namespace, a.owner.pod_name),
                 "podUID": a.owner.pod_uid,
                 "network": a.owner.network,
                 "containerID": a.owner.container_id,
@@ -260,7 +260,7 @@ def _allocation_dict(a: Any) -> dict[str, Any]:
         "ip": a.ip.partition("/")[0],
         "subnet": a.subnet,
         "node": a.node,
-        "pod": f"{o.pod_namespace}/{o.pod_name}" if o.pod_name else "",
+        "pod": pod_text(o.pod_namespace, o.pod_name),
         "podUID": o.pod_uid,
         "handle": f"{o.network}/{o.container_id}/{o.ifname}",
         "network": o.network,

@@ -24,3 +24,10 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
 
 def when(since: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)) if since else "-"
+
+
+def pod_text(namespace: str, name: str) -> str:
+    """`namespace/name`; a pod without a namespace (podman) is its name alone; none: empty."""
+    if not name:
+        return ""
+    return f"{namespace}/{name}" if namespace else name

@@ -159,7 +159,8 @@ class Metrics:
         )
         self.fixed_move_seconds = Histogram(
             "moor_fixed_ip_move_seconds",
-            "Duration of a fixed IP's move, as the ADD that takes the IP over measures it.",
+            "How long a fixed IP's move took to reach the node it left: from the new holder's "
+            "claim (the new node's clock) to this node routing the IP away from its old pod.",
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
             registry=self.registry,
         )

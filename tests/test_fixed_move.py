@@ -108,6 +108,10 @@ def test_a_fixed_ip_follows_its_pod_and_a_late_del_frees_nothing(backend: str) -
         wait_for("node 1 to forget its old pod's neighbour entry",
                  lambda: neighbours_of(c, "n1", DB_IP) == [])  # fmt: skip
 
+        assert f"AUDIT move ip={DB_IP} pod=prod/db-0 node=n2 uid=uid-2" in c.log("n2")
+        assert "replaces=uid-1 was_on=n1" in c.log("n2")
+        assert f"AUDIT moved-away ip={DB_IP} pod=prod/db-0 node=n1 to=n2" in c.log("n1")
+
         # Node 1's late DEL frees nothing: node 2's pod keeps the IP and its traffic.
         c.delete_pod(old)
         fixed = json.loads(c.moorctl("n3", "ips", "--json").stdout)

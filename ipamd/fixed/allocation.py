@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 
 from cni_plugin.datapath.errors import DatapathError
+from ipamd.audit import audit
 from ipamd.errors import IpamError
 from ipamd.fixed.bindings import Claimed, FixedBindings, FixedIPUnavailable
 from ipamd.fixed.model import REQUEST, RESERVATION, STICKY, FixedBinding, Identity
@@ -47,11 +49,17 @@ class FixedAllocator:
         node: str,
         *,
         detach: Callable[[str, IPAddress], None] = lambda host_veth, ip: None,
+        on_move: Callable[[], None] = lambda: None,
+        on_moved_away: Callable[[float], None] = lambda seconds: None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.bindings = bindings
         self.rules = rules
         self.node = node
         self.detach = detach  # forget the neighbour toward a pod whose IP moved away
+        self.on_move = on_move  # metrics: this node took a fixed IP over
+        self.on_moved_away = on_moved_away  # metrics: the new claim's age when this node let go
+        self.clock = clock
         self._lock = threading.Lock()
         self._held: dict[tuple[str, str, str], tuple[Allocation, int]] = {}
 
@@ -96,8 +104,11 @@ class FixedAllocator:
         """The fixed-binding watcher's view changed: what moved away leaves memory, and the
         node's neighbour entry toward the old pod goes (the reconcile changes the route)."""
         for alloc in self.forget_moved(snapshot.values(), revision):
-            log.warning("AUDIT moved-away %s of %s: node %s no longer hosts it",
-                        alloc.ip, alloc.owner.pod or "-", self.node)  # fmt: skip
+            now = snapshot.get(alloc.ip)
+            audit("moved-away", ip=alloc.ip, pod=alloc.owner.pod or "-", node=self.node,
+                  to=now.node if now is not None and now.held else "-")  # fmt: skip
+            if now is not None and now.held and now.node != self.node:
+                self.on_moved_away(max(0.0, self.clock() - now.since))
             if alloc.host_veth:
                 try:
                     self.detach(alloc.host_veth, alloc.ip)
@@ -140,12 +151,14 @@ class FixedAllocator:
         with self._lock:
             self._held[owner.handle] = (claimed.allocation, claimed.revision)
         if claimed.replaced is not None:
-            log.warning(
-                "AUDIT move %s %s to node %s: %s replaces %s (was on %s)",
-                claimed.binding.identity.text, ip, self.node,
-                claimed.binding.generation.text if claimed.binding.generation else "-",
-                claimed.replaced.text, claimed.previous_node or "-",
+            new = claimed.binding.generation
+            audit(
+                "move", ip=ip, pod=claimed.binding.identity.text, node=self.node,
+                uid=new.uid if new else "-", container=new.container_id if new else "-",
+                replaces=claimed.replaced.uid or claimed.replaced.container_id,
+                was_on=claimed.previous_node or "-",
             )  # fmt: skip
+            self.on_move()
         return claimed
 
     def release(self, handle: tuple[str, str, str]) -> Allocation | None:
