@@ -112,6 +112,15 @@ def assemble_node(
     subnets = leases.acquire()
     log.info("node %s serves pod IPs from %s", cfg.node_name, ", ".join(map(str, subnets)))
     allocator = NodeAllocator(store, keys, cfg.node_name, leases, cooldown=cfg.cooldown)
+    bindings = FixedBindings(store, keys, lambda: leases.config.fixed_ranges, cooldown=cfg.cooldown)
+    fixed = FixedAllocator(
+        bindings,
+        StickyRules(store, keys),
+        cfg.node_name,
+        detach=fixed_pod.detach_host,
+        on_move=metrics.count_fixed_move,
+        on_moved_away=metrics.observe_fixed_move,
+    )
     guard = StoreGuard(
         store,
         keys,
@@ -122,24 +131,17 @@ def assemble_node(
         kernel_records=kernel_records(cfg.node_name),
         on_recovery=metrics.count_recovery,
         on_conflict=metrics.count_conflict,
+        fixed=fixed,
     )
     leases.on_conflict = guard.conflict
     guard.probe()  # the store's identity and revision, as this daemon first sees them
     revision = store.revision()  # changes after it reach the allocator by the follower
     allocator.load()
+    fixed.load()
     if guard.restore_from_kernel():  # running pods whose records the store lost meanwhile
         revision = store.revision()
         allocator.load()
-    bindings = FixedBindings(store, keys, lambda: leases.config.fixed_ranges, cooldown=cfg.cooldown)
-    fixed = FixedAllocator(
-        bindings,
-        StickyRules(store, keys),
-        cfg.node_name,
-        detach=fixed_pod.detach_host,
-        on_move=metrics.count_fixed_move,
-        on_moved_away=metrics.observe_fixed_move,
-    )
-    fixed.load()
+        fixed.load()
     ipam = NodeIpam(
         store,
         cfg.node_name,

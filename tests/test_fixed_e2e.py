@@ -18,6 +18,7 @@ import pytest
 
 from tests.conftest import require
 from tests.helpers import oracle, traffic
+from tests.helpers.etcd import EtcdServer
 from tests.helpers.moor import Daemon, ExecRuntime, delete_netns, make_netns
 from tests.helpers.oracle import ip_json
 
@@ -132,3 +133,48 @@ def test_a_requested_fixed_ip_gets_a_32_and_talks_to_bridge_pods_both_ways(
         assert rt.delete(conf, path, cid).rc == 0
     status = json.loads(node.moorctl("status", "--json").stdout)
     assert status["allocations"] == []
+
+
+def test_a_live_fixed_ip_comes_back_after_the_store_lost_everything(
+    tmp_path: Path, etcd_alone: EtcdServer, pods: list[str]
+) -> None:
+    """etcd restarts on an empty data dir under a running fixed pod: the node puts its binding,
+    IP record and handle back (with the pod as owner), and another pod asking for the IP is
+    still refused (105): the IP never belongs to two pods."""
+    import time
+
+    d = Daemon(workdir=tmp_path / "mfs", name="mfs", network="", bridge="mfsbr0", cooldown=0,
+               store_url=etcd_alone.url, key_prefix="/mfs")  # fmt: skip
+    d.start()
+    try:
+        init = d.moorctl("network", "init", "--network", NETWORK, "--subnet-len", "24",
+                         "--fixed-range", FIXED_RANGE)  # fmt: skip
+        assert init.returncode == 0, init.stderr
+        wait_ready(d)
+        rt = ExecRuntime()
+        conf = {"cniVersion": "1.0.0", "name": "mfs", **d.plugin()}
+        _, path = pod_ns(pods, "s1")
+        args = f"IP={FIXED_IP};K8S_POD_NAMESPACE=prod;K8S_POD_NAME=db-0;K8S_POD_UID=u1"
+        assert rt.add(conf, path, "mfs-fixed-1", cni_args=args).rc == 0
+
+        etcd_alone.wipe_data_dir()
+        deadline = time.monotonic() + 30
+        while "/mfs/fixed/" + FIXED_IP not in etcd_alone.etcdctl("get", "/mfs/fixed/", "--prefix",
+                                                                 "--keys-only"):  # fmt: skip
+            assert time.monotonic() < deadline, d.log_path.read_text()[-3000:]
+            time.sleep(0.2)
+        binding = json.loads(
+            etcd_alone.etcdctl("get", f"/mfs/fixed/{FIXED_IP}", "--print-value-only")
+        )
+        assert (binding["identity"]["name"], binding["node"]) == ("db-0", "mfs")
+        assert binding["generation"] == {"uid": "u1", "containerID": "mfs-fixed-1"}
+        record = json.loads(etcd_alone.etcdctl("get", f"/mfs/ips/{FIXED_IP}", "--print-value-only"))
+        assert record["containerID"] == "mfs-fixed-1"
+
+        _, other = pod_ns(pods, "s2")
+        refused = rt.add(conf, other, "mfs-fixed-2",
+                         cni_args=f"IP={FIXED_IP};K8S_POD_NAMESPACE=prod;K8S_POD_NAME=web-1")  # fmt: skip
+        assert refused.code == 105, refused.out
+        assert rt.delete(conf, path, "mfs-fixed-1", cni_args=args).rc == 0
+    finally:
+        d.cleanup_host()

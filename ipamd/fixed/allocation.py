@@ -61,17 +61,18 @@ class FixedAllocator:
         self.on_moved_away = on_moved_away  # metrics: the new claim's age when this node let go
         self.clock = clock
         self._lock = threading.Lock()
-        self._held: dict[tuple[str, str, str], tuple[Allocation, int]] = {}
+        # handle -> (allocation, claim revision, binding as claimed)
+        self._held: dict[tuple[str, str, str], tuple[Allocation, int, FixedBinding | None]] = {}
 
     # ---- memory -------------------------------------------------------------------------------
     def load(self) -> None:
         """This node's fixed attachments, from the bindings in the store."""
-        held: dict[tuple[str, str, str], tuple[Allocation, int]] = {}
+        held: dict[tuple[str, str, str], tuple[Allocation, int, FixedBinding | None]] = {}
         for binding in self.bindings.all():
             if binding.held and binding.node == self.node and binding.handle is not None:
                 alloc = self.bindings.allocation(binding)
                 if alloc is not None:
-                    held[binding.handle] = (alloc, 0)
+                    held[binding.handle] = (alloc, 0, binding)
         with self._lock:
             self._held = held
 
@@ -82,21 +83,23 @@ class FixedAllocator:
 
     def allocations(self, network: str | None = None) -> list[Allocation]:
         with self._lock:
-            held = [a for a, _ in self._held.values()]
+            held = [entry[0] for entry in self._held.values()]
         return [a for a in held if network is None or a.owner.network == network]
 
     def forget_moved(self, bindings: Iterable[FixedBinding], revision: int) -> list[Allocation]:
-        """Drop from memory what `bindings` (the store at `revision`) say is no longer this
-        node's (taken over by a newer generation elsewhere, or released), unless this node's
-        claim is newer than that view; the allocations dropped."""
+        """Drop from memory what `bindings` (the store at `revision`) say another attachment or
+        node holds now (a newer generation took it over), unless this node's claim is newer than
+        that view; the allocations dropped. A binding that is simply gone is kept: only a release
+        by this node ends a held binding (and forgets it itself), so a held binding that vanished
+        was lost by the store, and the store guard puts it back."""
         current = {b.ip: b for b in bindings}
         dropped = []
         with self._lock:
-            for handle, (alloc, claimed_at) in list(self._held.items()):
+            for handle, (alloc, claimed_at, _) in list(self._held.items()):
                 if claimed_at > revision:
                     continue
                 binding = current.get(alloc.ip)
-                if binding is None or binding.handle != handle or binding.node != self.node:
+                if binding is not None and (binding.handle != handle or binding.node != self.node):
                     dropped.append(self._held.pop(handle)[0])
         return dropped
 
@@ -149,7 +152,7 @@ class FixedAllocator:
             netns=netns, netns_inode=netns_inode,
         )  # fmt: skip
         with self._lock:
-            self._held[owner.handle] = (claimed.allocation, claimed.revision)
+            self._held[owner.handle] = (claimed.allocation, claimed.revision, claimed.binding)
         if claimed.replaced is not None:
             new = claimed.binding.generation
             audit(
@@ -170,6 +173,27 @@ class FixedAllocator:
         if let_go is None:
             return None
         return alloc
+
+    # ---- after a store loss ---------------------------------------------------------------------
+    def put_back(self, alloc: Allocation) -> str:
+        """Put back a live pod's fixed IP (from memory, or from its host veth's record after a
+        restart); "" when done, else the conflict."""
+        with self._lock:
+            entry = self._held.get(alloc.owner.handle)
+        problem = self.bindings.put_back(alloc, entry[2] if entry is not None else None)
+        if not problem:
+            with self._lock:
+                self._held.setdefault(alloc.owner.handle, (alloc, 0, entry[2] if entry else None))
+        return problem
+
+    def forget(self, alloc: Allocation) -> bool:
+        """Drop a pod that is gone and whose records the store lost: memory only."""
+        with self._lock:
+            entry = self._held.get(alloc.owner.handle)
+            if entry is None or entry[0] != alloc:
+                return False
+            del self._held[alloc.owner.handle]
+        return True
 
     # ---- helpers ------------------------------------------------------------------------------
     @staticmethod

@@ -264,6 +264,43 @@ class FixedBindings:
                 return let_go
         raise Conflict(f"releasing {handle} kept conflicting with other changes; retry")
 
+    def put_back(self, alloc: Allocation, binding: FixedBinding | None) -> str:
+        """After a store loss: make the store hold a live pod's fixed IP again, each record
+        create-if-absent (`binding` as remembered, or a per-request one for the pod's generation
+        when nothing is remembered). "" when done or nothing was missing; otherwise why not: the
+        store gives the IP or the identity to someone else (a conflict, never overwritten)."""
+        ip, owner = alloc.ip, alloc.owner
+        identity, generation = Identity.of(owner), Generation.of(owner)
+        mine = (binding or FixedBinding(ip, identity, REQUEST)).held_by(
+            generation, owner.handle, alloc.node, alloc.host_veth, alloc.since
+        )
+        for _ in range(TXN_RETRIES):
+            try:
+                state = self._read(ip, identity, owner.handle)
+            except FixedIPUnavailable as exc:  # the identity or the handle is elsewhere now
+                return str(exc)
+            current = state.binding
+            if current is not None and (current.identity, current.handle) != (
+                identity,
+                owner.handle,
+            ):
+                return f"{ip} is bound to {current.identity.text} ({current.state}) in the store"
+            if state.ip_record is not None:
+                holder = Allocation.from_json(ip, state.ip_record.value)
+                if holder.owner.handle != owner.handle:
+                    return f"{ip} is allocated to {'/'.join(holder.owner.handle)} in the store"
+            ops: list[Put | Delete] = []
+            if current is None:
+                ops.append(Put(self.keys.fixed(ip), mine.to_json()))
+            if state.ip_record is None:
+                ops.append(Put(self.keys.ip(ip), alloc.to_json()))
+            ops.append(Put(self.keys.handle(*owner.handle), str(ip).encode()))
+            if identity.named:
+                ops.append(self._index_put(identity, ip))
+            if self.store.txn(state.compares, ops).succeeded:
+                return ""
+        raise Conflict(f"the records of {ip} kept changing while being put back; retry")
+
     def expire(self, node: str) -> list[FixedBinding]:
         """End every sticky binding nobody holds whose retention is over; the IPs cool down."""
         ended = []
