@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SYSTEM_PYTHON := /usr/bin/python3
 APT_PACKAGES := python3-venv containernetworking-plugins etcd-server etcd-client golang-go openssl \
-	golang-github-appc-cni-dev iptables iproute2 iperf3
+	golang-github-appc-cni-dev iptables iproute2 iperf3 podman runc busybox-static
 PROTO := ipamd/api/v1/ipam.proto
 CNIDRV := tests/cnidrv/cnidrv
 STORE ?= sqlite

@@ -1,8 +1,9 @@
 """`python -m bench`: set up, measure, tear down (always, also on Ctrl-C or SIGTERM), report.
 
-Two parts, each with its own section of BENCHMARKS.md: the CNI plugin against the reference
+Three parts, each with its own section of BENCHMARKS.md: the CNI plugin against the reference
 bridge + host-local (bench/cni_bench.py), then the IPAM daemon on etcd against host-local
-(bench/ipam_bench.py); `--only cni|ipam` runs one.
+(bench/ipam_bench.py), then the routes between nodes and the traffic over them on a simulated
+cluster (bench/cluster_bench.py); `--only cni|ipam|cluster` runs one.
 
 Exit status: 0 when every call succeeded and the host is clean (whether or not the targets
 are met), 1 when a call failed, the run broke or something could not be removed, 2 on bad
@@ -20,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench import ipam_bench, report
+from bench import cluster_bench, ipam_bench, report
 from bench.cni_bench import Bench, Figures, container_ids, startup_floor
 from bench.harness import (
     IP_FORWARD,
@@ -51,10 +52,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="CNI: 10 pods, 10-concurrent only, 1 round; IPAM: smaller counts, 1 round",
+        help="CNI: 10 pods, 10-concurrent only, 1 round; IPAM: smaller counts, 1 round; "
+        "cluster: 10 joins, 1000 leases, 1 round",
     )
     parser.add_argument(
-        "--only", choices=("cni", "ipam"), help="run one part (default: CNI, then IPAM)"
+        "--only",
+        choices=("cni", "ipam", "cluster"),
+        help="run one part (default: CNI, then IPAM, then cluster)",
     )
     parser.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
     parser.add_argument(
@@ -239,12 +243,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     command = " ".join(["python -m bench", *(sys.argv[1:] if argv is None else argv)])
     status = 0
-    if args.only != "ipam":
+    if args.only in (None, "cni"):
         status = run_cni(args, command)
         if status == 130:
             return status
-    if args.only != "cni":
+    if args.only in (None, "ipam"):
         status = run_ipam(args, command) or status
+        if status == 130:
+            return status
+    if args.only in (None, "cluster"):
+        status = cluster_bench.run_part(args.quick, args.no_write, command, say) or status
     return status
 
 

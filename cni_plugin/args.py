@@ -4,7 +4,8 @@
 `IgnoreUnknown` is 1/true. containerd sends the K8S_POD_* keys from a Go map, so their order is
 never relied on. A known key's value is checked like the same value anywhere else (the MAC and IP
 as in runtimeConfig, the pod fields by Kubernetes' own rules): all code 7. An empty value is
-absent.
+absent. A K8S_POD_NAME without K8S_POD_NAMESPACE is podman's container name, checked by its
+own rule (naming.pod_name_problem).
 """
 
 from __future__ import annotations
@@ -66,7 +67,6 @@ def _ip_problem(value: str) -> str | None:
 
 CHECKS: dict[str, Callable[[str], str | None]] = {
     "K8S_POD_NAMESPACE": pod_namespace_problem,
-    "K8S_POD_NAME": pod_name_problem,
     "K8S_POD_UID": lambda v: token_problem("pod UID", v),
     "K8S_POD_INFRA_CONTAINER_ID": container_id_problem,
     "IP": _ip_problem,
@@ -91,6 +91,11 @@ def parse_cni_args(raw: str) -> CniArgs:
     for key, check in CHECKS.items():
         if pairs.get(key) and (problem := check(pairs[key])):
             raise CNIError(INVALID_NETWORK_CONFIG, f"ARGS: {key}: {problem}")
+    name = pairs.get("K8S_POD_NAME", "")
+    if name and (
+        problem := pod_name_problem(name, namespaced=bool(pairs.get("K8S_POD_NAMESPACE")))
+    ):
+        raise CNIError(INVALID_NETWORK_CONFIG, f"ARGS: K8S_POD_NAME: {problem}")
     return CniArgs(
         pod_namespace=pairs.get("K8S_POD_NAMESPACE", ""),
         pod_name=pairs.get("K8S_POD_NAME", ""),

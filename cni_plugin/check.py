@@ -14,8 +14,11 @@ from cni_plugin.result import Result
 from cni_plugin.skel import Request
 
 
-def check_datapath(req: Request, prev: Result, netns_fd: int, gateway: IPAddress | None) -> None:
-    """Raise CNIError(103) at the first difference; `gateway` fills routes without one."""
+def check_datapath(
+    req: Request, prev: Result, netns_fd: int, gateway: IPAddress | None, *, fixed: bool = False
+) -> None:
+    """Raise CNIError(103) at the first difference; `gateway` fills routes without one. A fixed
+    IP's host veth is on no bridge (`fixed_pod.py`)."""
     pod = inventory.inspect_pod_interface(netns_fd, req.ifname)
     if pod is None:
         raise CNIError(CHECK_FAILED, f"interface {req.ifname} is missing in {req.netns}")
@@ -38,10 +41,12 @@ def check_datapath(req: Request, prev: Result, netns_fd: int, gateway: IPAddress
     host = inventory.inspect_host_veth(host_name)
     if host is None:
         raise CNIError(CHECK_FAILED, f"host veth {host_name} is missing")
+    if host.peer_index != pod.index or pod.peer_index != host.index:
+        raise CNIError(CHECK_FAILED, f"host veth {host_name} is not the peer of {req.ifname}")
+    if fixed:
+        return
     bridge = inventory.lookup_bridge(req.conf.bridge)
     if bridge is None:
         raise CNIError(CHECK_FAILED, f"bridge {req.conf.bridge} is missing")
     if host.master_index != bridge.index:
         raise CNIError(CHECK_FAILED, f"host veth {host_name} is not attached to {req.conf.bridge}")
-    if host.peer_index != pod.index or pod.peer_index != host.index:
-        raise CNIError(CHECK_FAILED, f"host veth {host_name} is not the peer of {req.ifname}")

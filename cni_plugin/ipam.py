@@ -10,17 +10,24 @@ protocol layer's one exception table (`cni_plugin.errors.to_cni_error`) passes i
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 from cni_plugin.errors import (
+    FIXED_IP_UNAVAILABLE,
     INVALID_NETWORK_CONFIG,
     POOL_EXHAUSTED,
+    STALE_GENERATION,
     TRY_AGAIN_LATER,
     CNIError,
 )
 from cni_plugin.iptypes import IPAddress, IPInterface, IPNetwork
+
+# A fixed IP is in no node's subnet: its pod gets it as a /32 with this link-local gateway, which
+# the host end of its veth stands for (SPEC-NOTES, fixed IPs).
+FIXED_GATEWAY = ipaddress.ip_address("169.254.1.1")
 
 
 class IpamError(CNIError):
@@ -42,6 +49,19 @@ class RequestedAddressUnavailable(IpamError):
     """The one address the request named cannot be given (taken, or not this node's)."""
 
     code_of_class = INVALID_NETWORK_CONFIG
+
+
+class FixedAddressUnavailable(IpamError):
+    """The fixed IP cannot be this pod's: bound to another identity, held outside moor's fixed
+    bindings, cooling down, outside the fixed ranges; or the pod is bound to another fixed IP."""
+
+    code_of_class = FIXED_IP_UNAVAILABLE
+
+
+class StalePodGeneration(IpamError):
+    """An older incarnation of the pod asked for its fixed IP after a newer one took it over."""
+
+    code_of_class = STALE_GENERATION
 
 
 class IpamUnavailable(IpamError):
@@ -74,7 +94,10 @@ class AttachmentOwner:
 
     @property
     def pod(self) -> str:
-        return f"{self.pod_namespace}/{self.pod_name}" if self.pod_name else ""
+        """`namespace/name`; a pod without a namespace (podman) is its name alone."""
+        if not self.pod_name:
+            return ""
+        return f"{self.pod_namespace}/{self.pod_name}" if self.pod_namespace else self.pod_name
 
 
 @dataclass(frozen=True)
@@ -93,6 +116,7 @@ class AssignedAddress:
     interface: IPInterface
     gateway: IPAddress
     existed: bool = False
+    fixed: bool = False  # a fixed IP: a /32 behind FIXED_GATEWAY, not on the node's bridge
 
 
 class IpamPort(Protocol):

@@ -18,6 +18,7 @@ import re
 _NAME_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.\-]*", re.ASCII)
 MAX_NETWORK_NAME = 256
 MAX_CONTAINER_ID = 1024
+MAX_POD_NAME = 253  # Kubernetes' bound; podman container names get it too
 IFNAMSIZ = 16  # Linux, including the trailing NUL
 # The kernel's isspace() (lib/ctype.c) on the name's bytes: \t\n\v\f\r, space, and 0xA0, which a
 # UTF-8 name carries as a continuation byte (e.g. "à" is C3 A0): dev_valid_name refuses those.
@@ -113,12 +114,16 @@ def mac_problem(mac: object) -> str | None:
     return None
 
 
-def pod_name_problem(name: object) -> str | None:
-    """A Kubernetes pod name: a DNS-1123 subdomain of at most 253 characters."""
+def pod_name_problem(name: object, *, namespaced: bool = True) -> str | None:
+    """A Kubernetes pod name: a DNS-1123 subdomain of at most 253 characters. A name without a
+    namespace is podman's: it sends only K8S_POD_NAME, the container name, whose rule is the CNI
+    name rule (its generated names, e.g. "elegant_hopper", hold '_'), so that rule applies."""
+    if not namespaced:
+        return _cni_name_problem("pod name", name, MAX_POD_NAME)
     if problem := _text_problem("pod name", name):
         return problem
     assert isinstance(name, str)
-    if len(name) > 253 or _DNS_SUBDOMAIN_RE.fullmatch(name) is None:
+    if len(name) > MAX_POD_NAME or _DNS_SUBDOMAIN_RE.fullmatch(name) is None:
         return f"pod name {name!r} is not a DNS-1123 subdomain of at most 253 characters"
     return None
 

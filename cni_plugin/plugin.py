@@ -19,7 +19,7 @@ import os
 from collections.abc import Callable
 from contextlib import ExitStack
 
-from cni_plugin import deadline, kernel_record
+from cni_plugin import deadline, fixed_pod, kernel_record
 from cni_plugin.attachments import WAIT, AttachmentLocks, Key
 from cni_plugin.check import check_datapath
 from cni_plugin.datapath import bridge as br
@@ -183,6 +183,8 @@ class MoorPlugin:
             if conf.ipam is not None:
                 alloc = self._allocate(req, netns_inode(fd), host_name)
                 undo.callback(self._release_quietly, conf.name, req.container_id, req.ifname)
+            if alloc is not None and alloc.fixed:
+                return self._fixed_add(req, fd, host_name, alloc, undo)
             gateway = (alloc.gateway, alloc.interface) if alloc is not None else None
             bridge = self.host.ensure_bridge(conf, gateway)
             self._fault("after-ipam", req)
@@ -239,14 +241,52 @@ class MoorPlugin:
             dns=conf.dns,
         )
 
+    def _fixed_add(
+        self, req: Request, fd: int, host_name: str, alloc: AssignedAddress, undo: ExitStack
+    ) -> Result:
+        """A fixed IP: a point-to-point veth with a /32 (`fixed_pod.py`), no bridge."""
+        try:
+            pair = self._create_veth(req, host_name, None, alloc)
+        except PodInterfaceExists as exc:
+            raise CNIError(
+                INTERFACE_EXISTS, f"interface {req.ifname!r} already exists in {req.netns}"
+            ) from exc
+        except LinkExists as exc:
+            raise CNIError(
+                DUPLICATE_ATTACHMENT,
+                f"host veth {host_name} for {req.container_id}/{req.ifname} already exists",
+            ) from exc
+        undo.callback(veth.delete_host_veth_if_exists, host_name)
+        self._fault("after-veth", req)
+        fixed_pod.configure(fd, req.ifname, alloc, pair.host.mac)
+        fixed_pod.attach_host(host_name, alloc.interface.ip)
+        if req.conf.ip_masq:
+            self.host.ensure_masquerade(self.ipam.network)
+        self._fault("before-result", req)
+        deadline.check("ADD")
+        undo.pop_all()
+        return Result(
+            interfaces=[
+                Interface(host_name, pair.host.mac),
+                Interface(req.ifname, pair.pod.mac, sandbox=req.netns),
+            ],
+            ips=[IPConfig(alloc.interface, alloc.gateway, interface=1)],
+            routes=[Route(r.dst, r.gw) for r in fixed_pod.pod_routes()],
+            dns=req.conf.dns,
+        )
+
     def _create_veth(
-        self, req: Request, host_name: str, bridge: br.LinkInfo, alloc: AssignedAddress | None
+        self,
+        req: Request,
+        host_name: str,
+        bridge: br.LinkInfo | None,
+        alloc: AssignedAddress | None,
     ) -> veth.VethPair:
         return veth.create_veth(
             host_name,
             req.ifname,
             req.netns_fd,  # type: ignore[arg-type]  # checked by _require_netns
-            bridge.index,
+            bridge.index if bridge is not None else None,
             mtu=req.conf.mtu or self.ipam.pod_mtu,
             mac=req.conf.mac or req.args.mac or None,
             hairpin=req.conf.hairpin_mode,
@@ -264,6 +304,13 @@ class MoorPlugin:
         if req.conf.arp_probe is not None:
             self._require_netns(req)  # the probe runs in it
         alloc = self._allocate(req, netns_inode(req.netns_fd) if req.netns_fd is not None else 0)
+        if alloc.fixed:  # its /32 needs moor's own point-to-point datapath
+            self._release_quietly(req.conf.name, req.container_id, req.ifname)
+            raise CNIError(
+                INVALID_NETWORK_CONFIG,
+                f"{alloc.interface.ip} is a fixed IP: fixed IPs need moor as the main plugin, "
+                "not as the IPAM of another plugin",
+            )
         if req.conf.arp_probe is not None:
             with ExitStack() as undo:
                 undo.callback(self._release_quietly, req.conf.name, req.container_id, req.ifname)
@@ -337,7 +384,9 @@ class MoorPlugin:
                 raise CNIError(CHECK_FAILED, f"reserved {alloc.interface} is not in prevResult")
         if conf.mode == "ipam":
             return
-        check_datapath(req, prev, self._require_netns(req), alloc.gateway if alloc else None)
+        fixed = alloc is not None and alloc.fixed
+        gateway = alloc.gateway if alloc is not None and not fixed else None  # fixed: explicit
+        check_datapath(req, prev, self._require_netns(req), gateway, fixed=fixed)
 
     # ---- STATUS and GC ---------------------------------------------------------------------
     def status(self, req: Request) -> None:

@@ -1,7 +1,8 @@
 """The gRPC Admin servicer: proto <-> model conversion and exception -> status mapping, nothing else.
 
-The operations themselves are in `ipamd.ops` (cluster-wide, on the store), so they are tested
-without gRPC. Every error reaches moorctl as one sentence in the status details.
+The operations themselves are in `ipamd.ops` and, for fixed IPs, `ipamd.fixed_ops` (cluster-wide,
+on the store), so they are tested without gRPC. Every error reaches moorctl as one sentence in the
+status details.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from collections.abc import Iterator
 
 import grpc
 
+from ipamd.admin_fixed import FixedAdmin
 from ipamd.api.v1 import ipam_pb2, ipam_pb2_grpc
 from ipamd.conflicts import AddressConflict
+from ipamd.fixed_ops import FixedOps
 from ipamd.grpc_status import abort
 from ipamd.network_config import NetworkConfig
 from ipamd.ops import ClusterOps, SubnetUsage
@@ -73,9 +76,12 @@ def usage_pb(u: SubnetUsage) -> ipam_pb2.SubnetUsage:
     )
 
 
-class AdminServicer(ipam_pb2_grpc.AdminServicer):
-    def __init__(self, ops: ClusterOps) -> None:
+class AdminServicer(FixedAdmin, ipam_pb2_grpc.AdminServicer):
+    """The fixed-IP calls (Reserve, StickyAdd, ...) are FixedAdmin's (ipamd/admin_fixed.py)."""
+
+    def __init__(self, ops: ClusterOps, fixed: FixedOps | None = None) -> None:
         self.ops = ops
+        self.fixed = fixed
 
     def NetworkShow(
         self, request: ipam_pb2.NetworkShowRequest, context: grpc.ServicerContext

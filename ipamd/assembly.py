@@ -15,13 +15,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from cni_plugin import kernel_record
+from cni_plugin import fixed_pod, kernel_record
 from cni_plugin.attachments import AttachmentLocks
 from cni_plugin.datapath.inventory import host_link_aliases, host_link_names
 from cni_plugin.kernel_record import AttachmentRecord
 from ipamd.allocator import NodeAllocator
 from ipamd.config import DaemonConfig
 from ipamd.errors import NoLease
+from ipamd.fixed.allocation import FixedAllocator
+from ipamd.fixed.bindings import FixedBindings
+from ipamd.fixed.sticky import StickyRules
 from ipamd.guard import StoreGuard
 from ipamd.journal import ReleaseJournal
 from ipamd.leases import SubnetLeaseManager
@@ -32,7 +35,8 @@ from ipamd.node import GarbageReport, NodeIpam
 from ipamd.node_state import NodeStateFile
 from ipamd.ops import NO_NETWORK
 from ipamd.pool import PoolStatus
-from ipamd.routing.lease_watch import LeaseWatcher
+from ipamd.routing import lease_watch as routing_watchers
+from ipamd.routing.lease_watch import FixedWatcher, LeaseWatcher
 from ipamd.store.base import Store
 from ipamd.store.keys import Keys
 from ipamd.sync import StoreFollower
@@ -77,8 +81,9 @@ class NodeParts:
     guard: StoreGuard
     follower: StoreFollower
     revision: int  # the allocator was loaded at it: the follower watches from the next one
-    lease_watcher: LeaseWatcher
-    lease_revision: int  # the lease listing's: the lease watcher watches after it
+    fixed: FixedAllocator
+    lease_watcher: LeaseWatcher  # every node's leases (loaded: it watches after its revision)
+    fixed_watcher: FixedWatcher  # every fixed-IP binding (likewise)
 
 
 def assemble_node(
@@ -107,6 +112,15 @@ def assemble_node(
     subnets = leases.acquire()
     log.info("node %s serves pod IPs from %s", cfg.node_name, ", ".join(map(str, subnets)))
     allocator = NodeAllocator(store, keys, cfg.node_name, leases, cooldown=cfg.cooldown)
+    bindings = FixedBindings(store, keys, lambda: leases.config.fixed_ranges, cooldown=cfg.cooldown)
+    fixed = FixedAllocator(
+        bindings,
+        StickyRules(store, keys),
+        cfg.node_name,
+        detach=fixed_pod.detach_host,
+        on_move=metrics.count_fixed_move,
+        on_moved_away=metrics.observe_fixed_move,
+    )
     guard = StoreGuard(
         store,
         keys,
@@ -117,20 +131,24 @@ def assemble_node(
         kernel_records=kernel_records(cfg.node_name),
         on_recovery=metrics.count_recovery,
         on_conflict=metrics.count_conflict,
+        fixed=fixed,
     )
     leases.on_conflict = guard.conflict
     guard.probe()  # the store's identity and revision, as this daemon first sees them
     revision = store.revision()  # changes after it reach the allocator by the follower
     allocator.load()
+    fixed.load()
     if guard.restore_from_kernel():  # running pods whose records the store lost meanwhile
         revision = store.revision()
         allocator.load()
+        fixed.load()
     ipam = NodeIpam(
         store,
         cfg.node_name,
         leases,
         allocator,
         metrics,
+        fixed=fixed,
         journal=ReleaseJournal(os.path.join(cfg.state_dir, f"releases-{cfg.node_name}.jsonl")),
         store_grace=cfg.store_grace,
         locks=locks,
@@ -153,7 +171,7 @@ def assemble_node(
         guard.saw_revision(revision)
         metrics.count_watch_event("subnet")
 
-    lease_watcher = LeaseWatcher(
+    lease_watcher = routing_watchers.lease_watcher(
         store,
         keys,
         cfg.node_name,
@@ -161,9 +179,15 @@ def assemble_node(
         on_revision=saw_lease_event,
         on_relist=lambda: metrics.count_watch_restart("error"),
     )
-    lease_revision = lease_watcher.load()
+    lease_watcher.load()
+    fixed_watcher = routing_watchers.fixed_watcher(
+        store, keys, on_relist=lambda: metrics.count_watch_restart("error")
+    )
+
+    fixed_watcher.on_change = fixed.follow  # a fixed IP a newer pod took elsewhere leaves
+    fixed_watcher.load()
     return NodeParts(
-        ipam, leases, allocator, guard, follower, revision, lease_watcher, lease_revision
+        ipam, leases, allocator, guard, follower, revision, fixed, lease_watcher, fixed_watcher
     )
 
 

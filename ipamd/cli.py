@@ -15,6 +15,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ipamd import cli_fixed
+from ipamd.cli_output import CliError, pod_text, table, when
+
 DEFAULT_SOCKET = "/run/moor/ipamd.sock"
 
 
@@ -43,7 +46,7 @@ def _status(stub: Any) -> dict[str, Any]:
         "allocations": [
             {
                 "ip": a.ip,
-                "pod": f"{a.owner.pod_namespace}/{a.owner.pod_name}" if a.owner.pod_name else "",
+                "pod": pod_text(a.owner.pod_namespace, a.owner.pod_name),
                 "podUID": a.owner.pod_uid,
                 "network": a.owner.network,
                 "containerID": a.owner.container_id,
@@ -55,15 +58,6 @@ def _status(stub: Any) -> dict[str, Any]:
             for a in r.allocations
         ],
     }
-
-
-def table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [
-        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
-    ]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-    return "\n".join(lines)
 
 
 def render_status(data: dict[str, Any]) -> str:
@@ -105,15 +99,8 @@ def render_status(data: dict[str, Any]) -> str:
             ],
         )
     )
+    out += cli_fixed.render_node_fixed(data)
     return "\n".join(out)
-
-
-def when(since: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)) if since else "-"
-
-
-class CliError(Exception):
-    """A problem moorctl finds itself (bad argument), reported like a daemon error."""
 
 
 # ---- Admin: network config -------------------------------------------------------------------
@@ -257,6 +244,9 @@ def render_utilization(data: dict[str, Any]) -> str:
 def _ips(channel: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
     from ipamd.api.v1 import ipam_pb2, ipam_pb2_grpc
 
+    if args.fixed:  # the fixed bindings, with their own columns
+        args.render = cli_fixed.render_fixed
+        return cli_fixed.list_fixed(channel, args)
     request = ipam_pb2.ListAllocationsRequest(
         node=args.node, pod_namespace=args.namespace, pod_name=args.pod
     )
@@ -270,7 +260,7 @@ def _allocation_dict(a: Any) -> dict[str, Any]:
         "ip": a.ip.partition("/")[0],
         "subnet": a.subnet,
         "node": a.node,
-        "pod": f"{o.pod_namespace}/{o.pod_name}" if o.pod_name else "",
+        "pod": pod_text(o.pod_namespace, o.pod_name),
         "podUID": o.pod_uid,
         "handle": f"{o.network}/{o.container_id}/{o.ifname}",
         "network": o.network,
@@ -380,7 +370,8 @@ def render_clear_conflict(data: dict[str, Any]) -> str:
 def _status_command(channel: Any, args: argparse.Namespace) -> dict[str, Any]:
     from ipamd.api.v1 import ipam_pb2_grpc
 
-    return _status(ipam_pb2_grpc.IpamStub(channel))
+    data = _status(ipam_pb2_grpc.IpamStub(channel))
+    return {**data, **cli_fixed.node_fixed(channel, data["node"])}
 
 
 # ---- the command line ------------------------------------------------------------------------
@@ -401,7 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(run=run, render=render)
         return p
 
-    command(sub, "status", _status_command, render_status, "this node: subnets and allocations")
+    command(
+        sub, "status", _status_command, render_status, "this node: subnets, allocations, fixed IPs"
+    )
     p = command(sub, "subnets", _subnets, render_subnets, "node subnet leases and their use")
     p.add_argument("--node", default="", help="only this node's subnets")
     command(sub, "utilization", _utilization, render_utilization, "cluster-wide subnet and IP use")
@@ -409,6 +402,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--node", default="", help="only allocations in this node's subnets")
     p.add_argument("--namespace", default="", help="only pods of this namespace")
     p.add_argument("--pod", default="", help="only pods of this name")
+    p.add_argument(
+        "--fixed",
+        action="store_true",
+        help="the fixed IPs instead: state, source, node, generation, retention",
+    )
+    cli_fixed.add_commands(sub, command)
     p = command(sub, "release", _release, render_release, "free an IP (owner-checked)")
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--ip", help="the IP to free")

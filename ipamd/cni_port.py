@@ -12,13 +12,18 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from cni_plugin.ipam import (
+    FIXED_GATEWAY,
     AddressesExhausted,
     AddressRequest,
     AssignedAddress,
+    FixedAddressUnavailable,
     IpamUnavailable,
     RequestedAddressUnavailable,
+    StalePodGeneration,
 )
 from ipamd.errors import NetworkExhausted, NoLease, RequestedIPUnavailable
+from ipamd.fixed.allocation import FixedRangesExhausted
+from ipamd.fixed.bindings import FixedIPUnavailable, StaleGeneration
 from ipamd.model import Allocation, IPAddress, IPNetwork
 from ipamd.store.base import StoreUnavailable
 
@@ -32,6 +37,12 @@ def port_errors() -> Iterator[None]:
         yield
     except NetworkExhausted as exc:
         raise AddressesExhausted(f"no IP addresses available: {exc}") from exc
+    except FixedRangesExhausted as exc:
+        raise AddressesExhausted(str(exc)) from exc
+    except FixedIPUnavailable as exc:
+        raise FixedAddressUnavailable(f"fixed IP unavailable: {exc}") from exc
+    except StaleGeneration as exc:
+        raise StalePodGeneration(str(exc)) from exc
     except RequestedIPUnavailable as exc:
         raise RequestedAddressUnavailable(f"failed to allocate all requested IPs: {exc}") from exc
     except NoLease as exc:
@@ -41,6 +52,8 @@ def port_errors() -> Iterator[None]:
 
 
 def assigned(alloc: Allocation, existed: bool = False) -> AssignedAddress:
+    if alloc.subnet.num_addresses == 1:  # a fixed IP: a /32 of its own
+        return AssignedAddress(alloc.interface, FIXED_GATEWAY, existed, fixed=True)
     return AssignedAddress(alloc.interface, alloc.gateway, existed)
 
 

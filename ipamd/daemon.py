@@ -33,6 +33,7 @@ from ipamd.assembly import AwaitingNetwork, IpamSwitch, assemble_node, remembere
 from ipamd.cni_port import NodeIpamPort
 from ipamd.cni_server import CniEndpoint
 from ipamd.config import DaemonConfig
+from ipamd.fixed_ops import FixedOps
 from ipamd.grpc_gate import GrpcGate
 from ipamd.leakgc import LeakCollector
 from ipamd.metrics import Metrics
@@ -111,6 +112,9 @@ class Daemon:
             local=lambda: getattr(self, "allocator", None),
             route_states=self._route_states,
         )
+        self.fixed = FixedOps(self.store, self.keys, network=self.ops.network,
+                              node=cfg.node_name, cooldown=cfg.cooldown)  # fmt: skip
+        self.metrics.track_fixed(self.fixed.bindings.all)
         self.locks = AttachmentLocks()  # one per daemon: CNI verbs, gRPC, replays, GC
         self.ipam = self._initial_ipam()
         self.reaper = HostVethReaper()
@@ -137,7 +141,7 @@ class Daemon:
         self.grpc = GrpcServer(
             self.gate.private_path,
             IpamServicer(self.ipam, cfg.cooldown, self.locks),  # type: ignore[arg-type]
-            AdminServicer(self.ops),
+            AdminServicer(self.ops, self.fixed),
         )
         self.grpc.start()
         self.gate.start()
@@ -176,11 +180,19 @@ class Daemon:
         node.leases.start_renewal()
         self._spawn("store-follower", lambda: node.follower.run(node.revision + 1))
         self.routing = NodeRouting.build(
-            node.leases, self.public_ip, interval=self.cfg.reconcile_interval, metrics=self.metrics
+            node.leases,
+            self.public_ip,
+            interval=self.cfg.reconcile_interval,
+            metrics=self.metrics,
+            local_fixed=lambda: {a.ip: a.host_veth for a in node.fixed.allocations()},
         )
         if self.routing is not None:  # routes to the other nodes are in place before ready
-            self.routing.start(node.lease_watcher, self._stop, self._spawn)
-        self._spawn("lease-watch", lambda: node.lease_watcher.run(node.lease_revision, self._stop))
+            self.routing.start(node.lease_watcher, node.fixed_watcher, self._stop, self._spawn)
+        for name, watcher in (
+            ("lease-watch", node.lease_watcher),
+            ("fixed-watch", node.fixed_watcher),
+        ):
+            self._spawn(name, lambda w=watcher: w.run(w.revision, self._stop))
         self.metrics.track(node.ipam)
         return node.ipam
 
@@ -264,6 +276,7 @@ class Daemon:
             if time.monotonic() >= next_gc:
                 next_gc = time.monotonic() + self.cfg.leak_gc_interval
                 self._task("leak GC", self.leak_gc.sweep)
+                self._task("ending fixed-IP retentions", self.fixed.expire_retained)
 
     @staticmethod
     def _task(what: str, task: Callable[[], object]) -> None:

@@ -21,6 +21,7 @@ from ipamd.errors import (
     Refused,
     RequestedIPUnavailable,
 )
+from ipamd.fixed.bindings import FixedIPUnavailable, StaleGeneration
 from ipamd.store.base import StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,8 @@ STATUS_OF: list[tuple[type[Exception], grpc.StatusCode]] = [
     (Conflict, grpc.StatusCode.FAILED_PRECONDITION),
     (ConfigMismatch, grpc.StatusCode.FAILED_PRECONDITION),
     (RequestedIPUnavailable, grpc.StatusCode.FAILED_PRECONDITION),
+    (FixedIPUnavailable, grpc.StatusCode.FAILED_PRECONDITION),  # the IP is taken, not malformed
+    (StaleGeneration, grpc.StatusCode.FAILED_PRECONDITION),
     (NetworkExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (NoLease, grpc.StatusCode.UNAVAILABLE),
     (StoreUnavailable, grpc.StatusCode.UNAVAILABLE),

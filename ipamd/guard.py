@@ -36,6 +36,7 @@ from collections.abc import Callable
 from cni_plugin.attachments import AttachmentLocks
 from cni_plugin.kernel_record import AttachmentRecord
 from ipamd.allocator import NodeAllocator
+from ipamd.fixed.allocation import FixedAllocator
 from ipamd.leases import SubnetLeaseManager
 from ipamd.model import Allocation, SubnetLease
 from ipamd.network_config import NetworkConfig
@@ -60,6 +61,7 @@ class StoreGuard:
         kernel_records: Callable[[], dict[str, AttachmentRecord]] = dict,
         on_recovery: Callable[[], None] = lambda: None,
         on_conflict: Callable[[str, str], None] = lambda kind, sentence: None,
+        fixed: FixedAllocator | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
@@ -85,6 +87,7 @@ class StoreGuard:
             host_links=host_links,
             kernel_records=kernel_records,
             conflict=self.conflict,
+            fixed=fixed,
             clock=clock,
         )
 

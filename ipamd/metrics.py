@@ -1,9 +1,9 @@
 """moor-ipamd's Prometheus metrics, on a private registry served over HTTP (`--metrics-addr`).
 
 Counters and histograms are updated where things happen (allocation in NodeIpam, CNI requests in
-Daemon.handle, store errors in `ipamd.store.counting.CountingStore`); the address and subnet gauges are computed at
-scrape time from the allocator and the store, so they are never stale. The registry is private, so
-several daemons (or tests) in one process never share a series.
+Daemon.handle, store errors in `ipamd.store.counting.CountingStore`); the address, subnet and
+fixed-IP gauges are computed at scrape time from the allocator and the store, so they are never
+stale. The registry is private, so several daemons (or tests) in one process never share a series.
 
 Only the daemon imports this module: bin/moor, the CNI shim, stays stdlib-only.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 from wsgiref.simple_server import WSGIServer
@@ -23,6 +23,7 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 from ipamd.config import split_host_port
 from ipamd.errors import NetworkExhausted, NoLease
+from ipamd.fixed.gauges import FixedCollector
 from ipamd.model import IPNetwork
 from ipamd.network_config import NetworkConfig
 from ipamd.store.base import (
@@ -33,6 +34,7 @@ from ipamd.store.counting import STORE_OPS, CountingStore
 
 if TYPE_CHECKING:
     from cni_plugin.skel import Reply
+    from ipamd.fixed.model import FixedBinding
     from ipamd.node import NodeIpam
 
 log = logging.getLogger(__name__)
@@ -71,9 +73,11 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        # Registered first, so a store error it hits shows in the same scrape's error counter.
+        # Registered first, so a store error they hit shows in the same scrape's error counter.
         self._ipam_collector = _IpamCollector()
         self.registry.register(self._ipam_collector)
+        self._fixed_collector = FixedCollector()
+        self.registry.register(self._fixed_collector)
         self._conflict_collector = _ConflictCollector()
         self.registry.register(self._conflict_collector)
         self.allocation_seconds = Histogram(
@@ -149,6 +153,19 @@ class Metrics:
             buckets=(0.001, 0.005, 0.02, 0.1, 0.5, 2.0, 10.0),
             registry=self.registry,
         )
+        self.fixed_moves = Counter(
+            "moor_fixed_ip_moves",
+            "Fixed IPs taken over by a newer generation of their pod (a move to another node, "
+            "a recreated pod or a new sandbox), counted by the node that took it.",
+            registry=self.registry,
+        )
+        self.fixed_move_seconds = Histogram(
+            "moor_fixed_ip_move_seconds",
+            "How long a fixed IP's move took to reach the node it left: from the new holder's "
+            "claim (the new node's clock) to this node routing the IP away from its old pod.",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+            registry=self.registry,
+        )
         for result in ("ok", "failed"):
             self.route_reconciles.labels(result)
         for reason in FAILURE_REASONS:
@@ -170,6 +187,10 @@ class Metrics:
         """Report this node's address and subnet gauges from `ipam` at every scrape."""
         self._ipam_collector.ipam = ipam
         self._conflict_collector.ipam = ipam
+
+    def track_fixed(self, bindings: Callable[[], Iterable[FixedBinding]]) -> None:
+        """Report `moor_fixed_ips` from `bindings` (the store's, read at every scrape)."""
+        self._fixed_collector.bindings = bindings
 
     def count_store_errors(self, store: Store) -> CountingStore:
         return CountingStore(store, lambda op: self.store_errors.labels(op).inc())
@@ -224,6 +245,12 @@ class Metrics:
 
     def count_watch_restart(self, reason: str) -> None:
         self.store_watch_restarts.labels(reason if reason in WATCH_RESTARTS else "error").inc()
+
+    def count_fixed_move(self) -> None:
+        self.fixed_moves.inc()
+
+    def observe_fixed_move(self, seconds: float) -> None:
+        self.fixed_move_seconds.observe(seconds)
 
     def observe_cni(self, command: str, reply: Reply, seconds: float) -> None:
         verb = command if command in CNI_VERBS else "other"

@@ -21,6 +21,7 @@ from typing import Protocol
 from cni_plugin.attachments import WAIT, AttachmentBusy, AttachmentLocks
 from ipamd.allocator import NodeAllocator
 from ipamd.errors import NoLease, StoreRecovering
+from ipamd.fixed.allocation import FixedAllocator
 from ipamd.guard import StoreGuard
 from ipamd.journal import ReleaseJournal
 from ipamd.leases import SubnetLeaseManager
@@ -59,9 +60,11 @@ class NodeIpam:
         store_grace: float = 30.0,
         locks: AttachmentLocks | None = None,
         guard: StoreGuard | None = None,
+        fixed: FixedAllocator | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
+        self.fixed = fixed  # fixed IPs (reservations, sticky pods, requested fixed-range IPs)
         self.guard = guard
         self.locks = locks or AttachmentLocks()
         self.node = node
@@ -94,8 +97,14 @@ class NodeIpam:
                 raise NoLease(f"node {self.node} holds no subnet lease")
             if self.journal is not None and owner.handle in self.journal:
                 # The DEL before this ADD comes first (it needs the store, like the ADD does).
-                self.allocator.release(*owner.handle)
+                self._release_now(owner.handle)
                 self.journal.done(owner.handle)
+            choice = self.fixed.choose(owner, requested) if self.fixed is not None else None
+            if self.fixed is not None and choice is not None:
+                claimed = self.fixed.claim(
+                    owner, choice, host_veth=host_veth, netns=netns, netns_inode=netns_inode
+                )
+                return claimed.allocation, claimed.existed
             return self.allocator.allocate(
                 owner,
                 netns=netns,
@@ -108,17 +117,23 @@ class NodeIpam:
         """Owner-checked release; while the store is unreachable, journaled and applied later."""
         handle = (network, container_id, ifname)
         try:
-            alloc = self.allocator.release(*handle)
+            alloc = self._release_now(handle)
         except StoreUnavailable:
             if self.journal is None:
                 raise
-            alloc = self.allocator.get(*handle)
+            alloc = self.lookup(*handle)
             self.journal.record(handle, str(alloc.ip) if alloc else "")
             log.warning("store unreachable: release of %s journaled for retry", "/".join(handle))
             return alloc
         if self.journal is not None:
             self.journal.done(handle)
         return alloc
+
+    def _release_now(self, handle: tuple[str, str, str]) -> Allocation | None:
+        """A fixed IP the node hosts goes through its binding; any other through the allocator."""
+        if self.fixed is not None and self.fixed.get(handle) is not None:
+            return self.fixed.release(handle)
+        return self.allocator.release(*handle)
 
     def replay_journal(self) -> int:
         """Apply journaled releases; stop at the first that still cannot reach the store.
@@ -138,7 +153,7 @@ class NodeIpam:
             try:
                 if self.journal.entry(entry.handle) != entry:
                     continue
-                alloc = self.allocator.release(*entry.handle)
+                alloc = self._release_now(entry.handle)
                 self.journal.done(entry.handle)
             except StoreUnavailable:
                 break
@@ -156,7 +171,7 @@ class NodeIpam:
         with self.locks.hold(alloc.owner.attachment, WAIT):
             if self.allocator.stored(alloc) is None:
                 return False
-            return self.allocator.release(*alloc.owner.handle) is not None
+            return self._release_now(alloc.owner.handle) is not None
 
     def collect_garbage(
         self,
@@ -174,7 +189,7 @@ class NodeIpam:
                 continue
             try:
                 with self.locks.hold(alloc.owner.attachment, WAIT):
-                    if self.allocator.get(*alloc.owner.handle) != alloc:
+                    if self.lookup(*alloc.owner.handle) != alloc:
                         continue  # released or replaced while we waited
                     if before_release is not None and alloc.host_veth:
                         before_release(alloc.host_veth)
@@ -191,10 +206,13 @@ class NodeIpam:
         self.allocator.mark_conflict(ip, mac, network)
 
     def lookup(self, network: str, container_id: str, ifname: str) -> Allocation | None:
-        return self.allocator.get(network, container_id, ifname)
+        handle = (network, container_id, ifname)
+        fixed = self.fixed.get(handle) if self.fixed is not None else None
+        return fixed or self.allocator.get(*handle)
 
     def allocations(self, network: str | None = None) -> list[Allocation]:
-        return self.allocator.allocations(network)
+        fixed = self.fixed.allocations(network) if self.fixed is not None else []
+        return self.allocator.allocations(network) + fixed
 
     def pools(self) -> list[PoolStatus]:
         return self.allocator.status()

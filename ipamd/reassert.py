@@ -17,6 +17,7 @@ from collections.abc import Callable
 from cni_plugin.attachments import WAIT, AttachmentBusy, AttachmentLocks
 from cni_plugin.kernel_record import AttachmentRecord
 from ipamd.allocator import NodeAllocator
+from ipamd.fixed.allocation import FixedAllocator
 from ipamd.leases import SubnetLeaseManager
 from ipamd.liveness import IncompleteView, attachment_gone
 from ipamd.model import Allocation
@@ -40,6 +41,7 @@ class Reasserter:
         host_links: Callable[[], set[str]],
         kernel_records: Callable[[], dict[str, AttachmentRecord]],
         conflict: Callable[[str, str], None],
+        fixed: FixedAllocator | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
@@ -50,6 +52,7 @@ class Reasserter:
         self.host_links = host_links
         self.kernel_records = kernel_records  # host veth -> what its alias says (ADD wrote it)
         self.conflict = conflict
+        self.fixed = fixed  # the node's fixed IPs: put back with their bindings
         self.clock = clock
         self._reported: set[str] = set()
 
@@ -93,14 +96,14 @@ class Reasserter:
         held = self.leases.subnets
         from_kernel = self._kernel_allocations()
         retry = 0
-        for alloc in self.allocator.allocations() + from_kernel:
-            if removed and alloc.subnet not in held:
+        for alloc in self._known() + from_kernel:
+            if removed and alloc.subnet not in held and not _fixed(alloc):
                 continue  # an admin removed that subnet with its records: not ours to put back
             try:
                 with self.locks.hold(alloc.owner.attachment, WAIT):
                     if alloc in from_kernel:
                         self._put_back(alloc)  # its host veth is there: alive by definition
-                    elif self.allocator.get(*alloc.owner.handle) == alloc:
+                    elif self._lookup(alloc) == alloc:
                         self._reassert(alloc, links)
             except (AttachmentBusy, StoreError) as exc:
                 log.warning("re-asserting %s: %s", alloc.ip, exc)
@@ -114,14 +117,36 @@ class Reasserter:
             gone = False  # cannot tell: keep it (the leak GC looks again later)
         handle = "/".join(alloc.owner.handle)
         if gone:
-            if self.allocator.forget(alloc):
+            forget = self.fixed.forget if self.fixed and _fixed(alloc) else self.allocator.forget
+            if forget(alloc):
                 log.info("%s of %s: pod gone and record lost; forgotten", alloc.ip, handle)
             return
         self._put_back(alloc)
 
+    def _known(self) -> list[Allocation]:
+        fixed = self.fixed.allocations() if self.fixed is not None else []
+        return self.allocator.allocations() + fixed
+
+    def _lookup(self, alloc: Allocation) -> Allocation | None:
+        if self.fixed is not None and _fixed(alloc):
+            return self.fixed.get(alloc.owner.handle)
+        return self.allocator.get(*alloc.owner.handle)
+
+    def _put_back_fixed(self, alloc: Allocation) -> None:
+        assert self.fixed is not None
+        problem = self.fixed.put_back(alloc)
+        if problem:
+            self.conflict("ip", f"fixed IP {alloc.ip} of pod {alloc.owner.pod or '-'} "
+                                f"({'/'.join(alloc.owner.handle)}) on node {self.node}: {problem}")  # fmt: skip
+        else:
+            log.warning("put back fixed IP %s of pod %s", alloc.ip, alloc.owner.pod or "-")
+
     def _put_back(self, alloc: Allocation) -> None:
         """Create-if-absent the IP record and handle of a live allocation; a record that names
-        another owner is a conflict, never overwritten."""
+        another owner is a conflict, never overwritten. A fixed IP goes with its binding."""
+        if self.fixed is not None and _fixed(alloc):
+            self._put_back_fixed(alloc)
+            return
         handle = "/".join(alloc.owner.handle)
         if not any(alloc.ip in subnet for subnet in self.leases.subnets):
             sentence = (
@@ -186,7 +211,7 @@ class Reasserter:
 
     def _kernel_allocations(self) -> list[Allocation]:
         """What the host veths record (kernel_record.py) and the allocator's memory lacks."""
-        known = {a.owner.handle for a in self.allocator.allocations()}
+        known = {a.owner.handle for a in self._known()}
         out = []
         for host_veth, rec in sorted(self.kernel_records().items()):
             if rec.owner.handle not in known:
@@ -201,3 +226,8 @@ class Reasserter:
                     )
                 )
         return out
+
+
+def _fixed(alloc: Allocation) -> bool:
+    """A fixed IP's allocation: a /32 of its own, in no node subnet."""
+    return alloc.subnet.num_addresses == 1

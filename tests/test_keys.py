@@ -118,6 +118,14 @@ def test_examples() -> None:
     assert K.ip(ip_address("::ffff:1.2.3.4")) == "/moor/ips/::ffff:102:304"
 
 
+def test_fixed_identity_takes_podman_names_only_without_a_namespace() -> None:
+    assert K.fixed_identity("", "elegant_Hopper") == "/moor/fixed-ids/-/elegant_Hopper"
+    assert K.fixed_identity("prod", "db-0") == "/moor/fixed-ids/prod/db-0"
+    for namespace, name in (("prod", "elegant_Hopper"), ("", "_x"), ("", "a/b"), ("", "")):
+        with pytest.raises(ValueError):
+            K.fixed_identity(namespace, name)
+
+
 @pytest.mark.parametrize(
     "key",
     [

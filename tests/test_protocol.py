@@ -330,8 +330,9 @@ def test_ifname_the_kernel_would_refuse_or_rename_is_code_4(ifname: str) -> None
         "MAC=00:00:00:00:00:00",
         "IP=foo",
         "IP=1.2.3.4\n",
-        "IgnoreUnknown=1;K8S_POD_NAME=Bad_Name",
+        "IgnoreUnknown=1;K8S_POD_NAMESPACE=ns;K8S_POD_NAME=Bad_Name",
         "IgnoreUnknown=1;K8S_POD_NAME=" + "a" * 254,
+        "IgnoreUnknown=1;K8S_POD_NAME=_podman",
         "IgnoreUnknown=1;K8S_POD_NAMESPACE=" + "a" * 64,
         "IgnoreUnknown=1;K8S_POD_NAMESPACE=Up",
         "IgnoreUnknown=1;K8S_POD_UID=has space",
@@ -355,6 +356,20 @@ def test_good_cni_args_values_pass() -> None:
         "0a:58:0a:f4:01:02",
         "10.244.1.9/24",
     )
+
+
+def test_a_pod_name_without_namespace_is_a_podman_container_name() -> None:
+    """podman sends only K8S_POD_NAME, its container name; its generated names hold '_' (and a
+    user's may hold capitals and dots), which a Kubernetes pod name may not: without a namespace
+    the CNI name rule applies, with one the DNS-1123 rule does."""
+    a = parse_cni_args("IgnoreUnknown=1;K8S_POD_NAME=elegant_Hopper.1;IP=10.209.250.20")
+    assert (a.pod_namespace, a.pod_name, a.ip) == ("", "elegant_Hopper.1", "10.209.250.20")
+    with pytest.raises(CNIError, match="DNS-1123") as err:
+        parse_cni_args("K8S_POD_NAMESPACE=ns;K8S_POD_NAME=elegant_Hopper")
+    assert err.value.code == 7
+    rec = Recorder()
+    assert skel.run(env("ADD", CNI_ARGS="IgnoreUnknown=1;K8S_POD_NAME=a_B"), conf(), rec).code == 0
+    assert rec.calls[0].args.pod_name == "a_B"
 
 
 @pytest.mark.parametrize(

@@ -25,7 +25,15 @@ from ipamd.model import SubnetLease
 from ipamd.network_config import NetworkConfig
 from ipamd.routing.backend import plan_routes
 from ipamd.routing.hostgw import HostGw
-from ipamd.routing.peers import LOCAL, REFUSED, ROUTED, UNREACHABLE, RemoteSubnet, remote_subnets
+from ipamd.routing.peers import (
+    LOCAL,
+    REFUSED,
+    ROUTED,
+    UNREACHABLE,
+    FixedPlan,
+    RemoteSubnet,
+    remote_subnets,
+)
 from ipamd.routing.vxlan import Vxlan
 from tests.conftest import require
 from tests.helpers.netns_thread import in_netns
@@ -137,7 +145,7 @@ def test_host_gw_routes_direct_peers_only_and_leaves_foreign_routes(node_ns: str
     ]
 
     def run() -> dict:
-        return HostGw(underlay_for(OWN_IP)).reconcile(remotes)
+        return HostGw(underlay_for(OWN_IP)).reconcile(remotes, FixedPlan())
 
     states = in_netns(node_ns, run)
     assert states[subnet(2)].state == ROUTED
@@ -168,7 +176,7 @@ def test_vxlan_device_entries_order_and_replacement(node_ns: str) -> None:
     def run(*remotes: RemoteSubnet) -> dict:
         if not backend:
             backend.append(Vxlan(underlay_for(OWN_IP), cfg, "me", lambda: [subnet(1)]))
-        return backend[0].reconcile(list(remotes))
+        return backend[0].reconcile(list(remotes), FixedPlan())
 
     p2, p3 = (
         RemoteSubnet(subnet(2), "p2", PEER_IP, mac2),

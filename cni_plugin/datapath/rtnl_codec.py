@@ -20,6 +20,7 @@ AF_BRIDGE = 7
 RT_TABLE_MAIN = 254
 RTN_UNICAST = 1
 RT_SCOPE_UNIVERSE = 0
+RT_SCOPE_LINK = 253
 RTNH_F_ONLINK = 4
 RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_PRIORITY, RTA_TABLE = 1, 4, 5, 6, 15
 NDA_DST, NDA_LLADDR = 1, 2
@@ -47,6 +48,7 @@ class RouteMsg:
     onlink: bool = False
     priority: int = 0
     kind: int = RTN_UNICAST
+    scope: int = RT_SCOPE_UNIVERSE
 
     @property
     def prefix(self) -> str:
@@ -83,7 +85,7 @@ def pack_route(route: RouteMsg) -> bytes:
     flags = RTNH_F_ONLINK if route.onlink else 0
     body = _RTMSG.pack(
         socket.AF_INET, route.dst_len, 0, 0, route.table if route.table < 256 else 252,
-        route.proto, RT_SCOPE_UNIVERSE, route.kind, flags,
+        route.proto, route.scope, route.kind, flags,
     )  # fmt: skip
     if route.table:
         body += _attr(RTA_TABLE, struct.pack("=I", route.table))
@@ -104,7 +106,7 @@ def route_dump_request() -> bytes:
 def parse_route(message: bytes) -> RouteMsg | None:
     """A route from one raw RTM_NEWROUTE message (with its netlink header); None if not IPv4."""
     body = _NLMSG.size
-    family, dst_len, _src, _tos, table, proto, _scope, kind, flags = _RTMSG.unpack_from(
+    family, dst_len, _src, _tos, table, proto, scope, kind, flags = _RTMSG.unpack_from(
         message, body
     )
     if family != socket.AF_INET:
@@ -122,7 +124,7 @@ def parse_route(message: bytes) -> RouteMsg | None:
         elif attr == RTA_PRIORITY:
             priority = struct.unpack_from("=I", value)[0]
     return RouteMsg(
-        dst, dst_len, gateway, oif, proto, table, bool(flags & RTNH_F_ONLINK), priority, kind
+        dst, dst_len, gateway, oif, proto, table, bool(flags & RTNH_F_ONLINK), priority, kind, scope
     )
 
 

@@ -14,6 +14,7 @@ import contextlib
 import errno
 import hashlib
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Interface, IPv6Interface
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 from cni_plugin.iptypes import IPAddress, IPNetwork
 from cni_plugin.naming import ifname_problem
 
+from . import rtnl_codec as codec
 from .bridge import IFA_F_NODAD, random_mac
 from .errors import (
     DatapathError,
@@ -32,6 +34,7 @@ from .errors import (
 from .netns import netns_inode
 from .nl import (
     IFF_UP,
+    NLM_F_ACK,
     RTM_DELLINK,
     RTM_NEWADDR,
     RTM_NEWLINK,
@@ -107,15 +110,15 @@ def create_veth(
     host_name: str,
     pod_ifname: str,
     netns_fd: int,
-    bridge_index: int,
+    bridge_index: int | None,
     mtu: int = 0,
     mac: str | None = None,
     hairpin: bool = False,
     alias: str = "",
 ) -> VethPair:
-    """Create host end `host_name` (up, enslaved to `bridge_index`) with peer `pod_ifname` already
-    inside the netns of `netns_fd`, in ONE RTM_NEWLINK. The pod end stays down until
-    configure_pod_interface.
+    """Create host end `host_name` (up, enslaved to `bridge_index`, or on no bridge when None: a
+    fixed IP's point-to-point pair) with peer `pod_ifname` already inside the netns of
+    `netns_fd`, in ONE RTM_NEWLINK. The pod end stays down until configure_pod_interface.
 
     alias: the host end's IFLA_IFALIAS (the attachment's kernel record, see kernel_record.py);
     one more request, because the kernel ignores an alias given at creation.
@@ -174,7 +177,7 @@ def _veth_message(
     pod_name: str,
     pod_mac: str,
     netns_fd: int,
-    bridge_index: int,
+    bridge_index: int | None,
     mtu: int,
 ) -> ifinfmsg:
     """RTM_NEWLINK for a veth whose host end is up on the bridge and whose peer is born in the pod."""
@@ -183,11 +186,9 @@ def _veth_message(
         ("IFLA_ADDRESS", pod_mac),
         ("IFLA_NET_NS_FD", netns_fd),
     ]
-    attrs: list[tuple[str, Any]] = [
-        ("IFLA_IFNAME", host_name),
-        ("IFLA_ADDRESS", host_mac),
-        ("IFLA_MASTER", bridge_index),
-    ]
+    attrs: list[tuple[str, Any]] = [("IFLA_IFNAME", host_name), ("IFLA_ADDRESS", host_mac)]
+    if bridge_index is not None:
+        attrs.append(("IFLA_MASTER", bridge_index))
     if mtu:
         peer_attrs.append(("IFLA_MTU", mtu))
         attrs.append(("IFLA_MTU", mtu))
@@ -209,7 +210,7 @@ def _veth_message(
     return msg
 
 
-def _explain_create_failure(err: DatapathError, netns_fd: int, bridge_index: int) -> None:
+def _explain_create_failure(err: DatapathError, netns_fd: int, bridge_index: int | None) -> None:
     """The kernel answers EINVAL/EBADF/EOPNOTSUPP/ENODEV (and ERANGE/EADDRNOTAVAIL for an MTU or
     MAC) for several distinct mistakes; find out which one it was (error path only) and raise the
     precise exception. With the fd and the bridge ruled out, an EINVAL/ERANGE/EADDRNOTAVAIL is the
@@ -217,6 +218,10 @@ def _explain_create_failure(err: DatapathError, netns_fd: int, bridge_index: int
     if err.errno not in _EXPLAINED:
         return
     netns_inode(netns_fd)  # raises NetnsError if the fd is the culprit
+    if bridge_index is None:
+        if err.errno in _REQUEST_SETTING:
+            raise InvalidSetting(str(err), err.errno) from err
+        return
     try:
         with translate_errors(f"get bridge index {bridge_index}"):
             msg = host_ipr().link("get", index=bridge_index)[0]
@@ -259,10 +264,14 @@ def configure_pod_interface(
     ifname: str,
     addresses: list[IPv4Interface | IPv6Interface],
     routes: list[Route],
+    neighbours: Sequence[tuple[IPAddress, str]] = (),
 ) -> None:
     """Inside the pod netns, on one short-lived netlink socket: add `addresses` to `ifname`, set it
-    and `lo` up, then add `routes` in the given order (so a link-scope route to an off-subnet
-    gateway can precede the route through it).
+    and `lo` up, add the permanent `neighbours` (IP, MAC), then add `routes` in the given order (so
+    a link-scope route to an off-subnet gateway can precede the route through it). A fixed IP's
+    pod gets its link-local gateway as a permanent neighbour: the host end's MAC, known at
+    creation, so the pod never depends on proxy ARP (which needs the node to route the gateway
+    out of another interface).
 
     Uses "replace" for addresses and routes: a retried ADD converges instead of failing on EEXIST.
     IPv6 addresses get IFA_F_NODAD: the pod's address is unique by IPAM, and DAD would leave it
@@ -284,6 +293,11 @@ def configure_pod_interface(
             up["change"] = IFF_UP
             with translate_errors(f"set pod {name!r} up", host=False):
                 rtnl.request(up, RTM_NEWLINK)
+        for ip, mac in neighbours:
+            entry = codec.NeighMsg(socket.AF_INET, index, mac, str(ip), codec.NUD_PERMANENT)
+            with translate_errors(f"add neighbour {ip} in pod", host=False):
+                rtnl.raw(codec.RTM_NEWNEIGH, codec.pack_neigh(entry),
+                         NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE)  # fmt: skip
         for r in routes:
             try:
                 with translate_errors(f"add route {r.dst} via {r.gw} in pod", host=False):

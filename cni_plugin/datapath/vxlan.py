@@ -33,6 +33,7 @@ from cni_plugin.datapath.nl import (
 from cni_plugin.datapath.rtnl_codec import NeighMsg
 
 ENCAP_OVERHEAD = 50  # outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14
+IFF_UP = 0x1
 
 
 @dataclass(frozen=True)
@@ -114,11 +115,14 @@ def ensure_device(spec: VxlanSpec) -> tuple[int, bool]:
         if link is None:
             raise DatapathError(f"{spec.name} vanished right after it was made")
     index = int(link["index"])
+    brought_up = made or not int(link["flags"]) & IFF_UP
     with translate_errors(f"configure {spec.name}"):
         if int(link.get("IFLA_MTU")) != spec.mtu:
             ipr.link("set", index=index, mtu=spec.mtu)
-        ipr.link("set", index=index, state="up")
-    _check_mac(spec)
+        if brought_up:
+            ipr.link("set", index=index, state="up")
+    if brought_up:  # else it was up already and `_compatible` has just read our MAC on it
+        _check_mac(spec)
     _ensure_address(index, spec)
     with contextlib.suppress(OSError):  # no IPv6 on this node: nothing to turn off
         with open(f"/proc/sys/net/ipv6/conf/{spec.name}/accept_ra", "w") as f:

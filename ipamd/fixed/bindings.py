@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
@@ -32,9 +33,11 @@ from ipamd.fixed.model import (
     Identity,
 )
 from ipamd.model import Allocation, IPAddress, IPNetwork, Owner
+from ipamd.records import ip_records, records
 from ipamd.store.base import Compare, Delete, KeyValue, Put, Store
 from ipamd.store.keys import Keys
 
+log = logging.getLogger(__name__)
 TXN_RETRIES = 16
 
 
@@ -53,6 +56,8 @@ class Claimed:
     allocation: Allocation
     existed: bool  # the same attachment held it already (a repeated ADD)
     replaced: Generation | None  # the generation it was taken from (a move or a restart)
+    previous_node: str = ""  # where that generation was
+    revision: int = 0  # the store revision of the claim
 
 
 class FixedBindings:
@@ -86,13 +91,39 @@ class FixedBindings:
         binding = self.get(_ip(kv.value))
         return binding if binding is not None and binding.identity == identity else None
 
+    def allocation(self, binding: FixedBinding) -> Allocation | None:
+        """The IP record of a held binding, if it is the holder's."""
+        kv = self.store.get(self.keys.ip(binding.ip))
+        if kv is None:
+            return None
+        alloc = Allocation.from_json(binding.ip, kv.value)
+        return alloc if alloc.owner.handle == binding.handle else None
+
+    def unavailable(self) -> set[IPAddress]:
+        """Fixed-range IPs that have an IP record or are cooling down (a binding aside); only
+        the key ranges of the fixed ranges are listed, never the whole cluster's records."""
+        ranges = list(self.fixed_ranges())
+        out = {ip for ip, _ in ip_records(self.store, self.keys, ranges)}
+        now = self.clock()
+        for kv in records(self.store, self.keys, "released", ranges):
+            ip = self.keys.parse_released(kv.key)
+            at = float(json.loads(kv.value).get("releasedAt", 0))
+            if ip is not None and self.is_fixed(ip) and now - at < self.cooldown:
+                out.add(ip)
+        return out
+
     def all(self) -> list[FixedBinding]:
         items, _ = self.store.list_prefix(self.keys.fixed_prefix())
         out = []
         for kv in items:
             ip = self.keys.parse_fixed(kv.key)
-            if ip is not None:
+            if ip is None:
+                continue
+            try:
                 out.append(FixedBinding.from_json(ip, kv.value))
+            except (ValueError, TypeError, AttributeError, KeyError) as exc:
+                # one hand-edited record must not blind the listing and the retention sweep
+                log.warning("fixed binding %s is malformed, skipped: %s", kv.key, exc)
         return sorted(out, key=lambda b: int(b.ip))
 
     # ---- reservations -----------------------------------------------------------------------
@@ -119,14 +150,17 @@ class FixedBindings:
                 return binding
         raise Conflict(f"reserving {ip} kept conflicting with other changes; retry")
 
-    def unreserve(self, ip: IPAddress) -> FixedBinding:
-        """End a reservation. A pod holding the IP keeps it until its DEL (the binding becomes a
-        per-request one); otherwise the binding goes and the IP cools down."""
+    def unreserve(self, ip: IPAddress, expect: Identity | None = None) -> FixedBinding:
+        """End a reservation (of `expect` only, when given). A pod holding the IP keeps it until
+        its DEL (the binding becomes a per-request one); otherwise the binding goes and the IP
+        cools down."""
         for _ in range(TXN_RETRIES):
             kv = self.store.get(self.keys.fixed(ip))
             if kv is None:
                 raise NotFound(f"{ip} is not reserved")
             binding = FixedBinding.from_json(ip, kv.value)
+            if expect is not None and binding.identity != expect:
+                raise NotFound(f"{ip} is not reserved for {expect.text}")
             if binding.source != RESERVATION:
                 raise NotFound(f"{ip} is not reserved (it is {binding.source}, {binding.state})")
             compares = [Compare(kv.key, kv.mod_revision)]
@@ -192,9 +226,11 @@ class FixedBindings:
                 ops.append(self._index_put(identity, ip))
             if current.handle is not None and current.handle != owner.handle:
                 ops.append(Delete(self.keys.handle(*current.handle)))
-            if self.store.txn(state.compares, ops).succeeded:
+            result = self.store.txn(state.compares, ops)
+            if result.succeeded:
                 replaced = current.generation if current.generation != generation else None
-                return Claimed(binding, alloc, existed, replaced)
+                previous = current.node if replaced else ""
+                return Claimed(binding, alloc, existed, replaced, previous, result.revision)
         raise Conflict(f"claiming {ip} kept conflicting with other changes; retry")
 
     def release(self, handle: tuple[str, str, str], node: str) -> FixedBinding | None:
@@ -228,6 +264,43 @@ class FixedBindings:
                 return let_go
         raise Conflict(f"releasing {handle} kept conflicting with other changes; retry")
 
+    def put_back(self, alloc: Allocation, binding: FixedBinding | None) -> str:
+        """After a store loss: make the store hold a live pod's fixed IP again, each record
+        create-if-absent (`binding` as remembered, or a per-request one for the pod's generation
+        when nothing is remembered). "" when done or nothing was missing; otherwise why not: the
+        store gives the IP or the identity to someone else (a conflict, never overwritten)."""
+        ip, owner = alloc.ip, alloc.owner
+        identity, generation = Identity.of(owner), Generation.of(owner)
+        mine = (binding or FixedBinding(ip, identity, REQUEST)).held_by(
+            generation, owner.handle, alloc.node, alloc.host_veth, alloc.since
+        )
+        for _ in range(TXN_RETRIES):
+            try:
+                state = self._read(ip, identity, owner.handle)
+            except FixedIPUnavailable as exc:  # the identity or the handle is elsewhere now
+                return str(exc)
+            current = state.binding
+            if current is not None and (current.identity, current.handle) != (
+                identity,
+                owner.handle,
+            ):
+                return f"{ip} is bound to {current.identity.text} ({current.state}) in the store"
+            if state.ip_record is not None:
+                holder = Allocation.from_json(ip, state.ip_record.value)
+                if holder.owner.handle != owner.handle:
+                    return f"{ip} is allocated to {'/'.join(holder.owner.handle)} in the store"
+            ops: list[Put | Delete] = []
+            if current is None:
+                ops.append(Put(self.keys.fixed(ip), mine.to_json()))
+            if state.ip_record is None:
+                ops.append(Put(self.keys.ip(ip), alloc.to_json()))
+            ops.append(Put(self.keys.handle(*owner.handle), str(ip).encode()))
+            if identity.named:
+                ops.append(self._index_put(identity, ip))
+            if self.store.txn(state.compares, ops).succeeded:
+                return ""
+        raise Conflict(f"the records of {ip} kept changing while being put back; retry")
+
     def expire(self, node: str) -> list[FixedBinding]:
         """End every sticky binding nobody holds whose retention is over; the IPs cool down."""
         ended = []
@@ -251,13 +324,20 @@ class FixedBindings:
     def _read(
         self, ip: IPAddress, identity: Identity, handle: tuple[str, str, str] | None = None
     ) -> _State:
-        """Everything a decision about `ip` depends on, with the compares that pin it."""
+        """Everything a decision about `ip` depends on, with the compares that pin it. Every
+        change of a fixed IP writes its binding, so a binding read the same before and after the
+        other keys means they were read between two such changes (the txn's compares catch any
+        later one)."""
         keys = [self.keys.fixed(ip), self.keys.ip(ip), self.keys.released(ip)]
         if identity.named:
             keys.append(self.keys.fixed_identity(identity.namespace, identity.name))
         if handle is not None:
             keys.append(self.keys.handle(*handle))
-        kvs = {k: self.store.get(k) for k in keys}
+        for _ in range(TXN_RETRIES):  # one key at a time: re-read until no claim came between
+            kvs = {k: self.store.get(k) for k in keys}
+            again = self.store.get(keys[0])
+            if _revision(again) == _revision(kvs[keys[0]]):
+                break
         bkv = kvs[keys[0]]
         binding = FixedBinding.from_json(ip, bkv.value) if bkv is not None else None
         if identity.named and (index := kvs[keys[3]]) is not None and _ip(index.value) != ip:
@@ -309,6 +389,10 @@ class _State:
     ip_record: KeyValue | None
     released: KeyValue | None
     compares: list[Compare]
+
+
+def _revision(kv: KeyValue | None) -> int:
+    return kv.mod_revision if kv is not None else 0
 
 
 def _ip(value: bytes) -> IPAddress:

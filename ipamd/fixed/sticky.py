@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from cni_plugin.naming import pod_namespace_problem
+from ipamd.errors import Conflict
 from ipamd.fixed.model import Identity
 from ipamd.store.base import Store
 from ipamd.store.keys import Keys
@@ -30,6 +31,7 @@ from ipamd.store.keys import Keys
 DEFAULT_RETAIN = 24 * 3600.0
 MAX_REGEX = 256
 MAX_RETAIN = 366 * 24 * 3600.0
+ADD_RETRIES = 16
 
 
 @dataclass(frozen=True)
@@ -116,19 +118,23 @@ class StickyRules:
 
     def add(self, rule: StickyRule) -> tuple[StickyRule, bool]:
         """Store `rule` (with its creation time); (the stored rule, created). Adding the same
-        namespace and regex again changes only the retention."""
+        namespace and regex again changes only the retention, compare-and-swap: a `remove`
+        racing with it is never undone (the add then creates the rule afresh)."""
         stamped = StickyRule(rule.namespace, rule.pod_regex, rule.retain, rule.created_by,
                              self.clock())  # fmt: skip
         key = self.keys.sticky(stamped.name)
-        if self.store.create(key, stamped.to_json()):
-            return stamped, True
-        current = self.store.get(key)
-        if current is not None:
+        for _ in range(ADD_RETRIES):
+            if self.store.create(key, stamped.to_json()):
+                return stamped, True
+            current = self.store.get(key)
+            if current is None:
+                continue  # removed in between: create it
             old = StickyRule.from_json(current.value)
-            stamped = StickyRule(old.namespace, old.pod_regex, rule.retain, old.created_by,
+            updated = StickyRule(old.namespace, old.pod_regex, rule.retain, old.created_by,
                                  old.created_at)  # fmt: skip
-        self.store.put(key, stamped.to_json())
-        return stamped, False
+            if self.store.compare_and_swap(key, updated.to_json(), current.mod_revision):
+                return updated, False
+        raise Conflict(f"sticky rule {stamped.name} kept changing while being added; retry")
 
     def remove(self, name: str) -> bool:
         return self.store.delete(self.keys.sticky(name))

@@ -17,9 +17,10 @@ from typing import Protocol
 
 from cni_plugin.datapath.monitor import Deleted
 from cni_plugin.datapath.routes import MOOR_RTPROTO
-from cni_plugin.datapath.rtnl_codec import RouteMsg
-from ipamd.model import IPNetwork
-from ipamd.routing.peers import RemoteSubnet, RouteState
+from cni_plugin.datapath.rtnl_codec import RT_SCOPE_LINK, RouteMsg
+from cni_plugin.datapath.veth import host_veth_index
+from ipamd.model import IPAddress, IPNetwork
+from ipamd.routing.peers import FixedPlan, RemoteSubnet, RouteState
 
 
 class RoutingBackend(Protocol):
@@ -30,8 +31,11 @@ class RoutingBackend(Protocol):
         """The MTU pods get when netconf sets none: the underlay minus the encapsulation."""
         ...
 
-    def reconcile(self, remotes: Sequence[RemoteSubnet]) -> dict[IPNetwork, RouteState]:
-        """Make the kernel match `remotes` (see the module docstring); a state per subnet."""
+    def reconcile(
+        self, remotes: Sequence[RemoteSubnet], fixed: FixedPlan
+    ) -> dict[IPNetwork, RouteState]:
+        """Make the kernel match `remotes` and the fixed IPs' /32s (see the module docstring);
+        a state per subnet."""
         ...
 
     def wants(self, deleted: Deleted) -> bool:
@@ -46,12 +50,17 @@ class RoutePlan:
     taken: dict[str, RouteMsg] = field(default_factory=dict)  # prefix routed by someone else
 
 
-def plan_routes(desired: Mapping[str, RouteMsg], table: Sequence[RouteMsg]) -> RoutePlan:
+def plan_routes(
+    desired: Mapping[str, RouteMsg], table: Sequence[RouteMsg], keep: frozenset[str] = frozenset()
+) -> RoutePlan:
     """Compare wanted routes (by prefix) with the main table. Only metric-0 routes can collide
-    with ours (the kernel keys a route by prefix and metric), so those are the ones checked."""
+    with ours (the kernel keys a route by prefix and metric), so those are the ones checked.
+    Routes to a prefix in `keep` are left as they are (a fixed IP whose ADD is under way)."""
     plan = RoutePlan()
     present: dict[str, RouteMsg] = {}
     for route in table:
+        if route.prefix in keep:
+            continue
         if route.proto == MOOR_RTPROTO:
             want = desired.get(route.prefix)
             if want is None or want.priority != route.priority or route.prefix in present:
@@ -79,3 +88,27 @@ def _same(want: RouteMsg, have: RouteMsg) -> bool:
 def taken_reason(route: RouteMsg) -> str:
     via = f" via {route.gateway}" if route.gateway else ""
     return f"{route.prefix} is already routed{via} by another owner (protocol {route.proto})"
+
+
+def local_fixed_routes(
+    local: Mapping[IPAddress, str],
+) -> tuple[dict[str, RouteMsg], frozenset[str]]:
+    """The /32 of each fixed IP this node hosts, to its host veth (scope link); a host veth not
+    there (yet, or any more) makes its prefix one to keep as it is, not one to delete."""
+    desired: dict[str, RouteMsg] = {}
+    keep: set[str] = set()
+    for ip, host_veth in local.items():
+        index = host_veth_index(host_veth) if host_veth else None
+        route = RouteMsg(str(ip), ip.max_prefixlen, oif=index or 0, proto=MOOR_RTPROTO,
+                         scope=RT_SCOPE_LINK)  # fmt: skip
+        if index is None:
+            keep.add(route.prefix)
+        else:
+            desired[route.prefix] = route
+    return desired, frozenset(keep)
+
+
+def remote_fixed_route(ip: IPAddress, via: RouteMsg) -> RouteMsg:
+    """A remote fixed IP's /32 takes the next hop of its node's subnet route."""
+    return RouteMsg(str(ip), ip.max_prefixlen, via.gateway, via.oif, MOOR_RTPROTO,
+                    onlink=via.onlink)  # fmt: skip

@@ -16,8 +16,13 @@ from cni_plugin.datapath.monitor import Deleted
 from cni_plugin.datapath.routes import MOOR_RTPROTO, Underlay
 from cni_plugin.datapath.rtnl_codec import RouteMsg
 from ipamd.model import IPNetwork
-from ipamd.routing.backend import plan_routes, taken_reason
-from ipamd.routing.peers import REFUSED, ROUTED, UNREACHABLE, RemoteSubnet, RouteState
+from ipamd.routing.backend import (
+    local_fixed_routes,
+    plan_routes,
+    remote_fixed_route,
+    taken_reason,
+)
+from ipamd.routing.peers import REFUSED, ROUTED, UNREACHABLE, FixedPlan, RemoteSubnet, RouteState
 
 
 class HostGw:
@@ -30,7 +35,9 @@ class HostGw:
     def pod_mtu(self) -> int:
         return self.underlay.mtu
 
-    def reconcile(self, remotes: Sequence[RemoteSubnet]) -> dict[IPNetwork, RouteState]:
+    def reconcile(
+        self, remotes: Sequence[RemoteSubnet], fixed: FixedPlan
+    ) -> dict[IPNetwork, RouteState]:
         states: dict[IPNetwork, RouteState] = {}
         desired: dict[str, RouteMsg] = {}
         for remote in remotes:
@@ -56,7 +63,15 @@ class HostGw:
             )
             desired[route.prefix] = route
             states[remote.subnet] = RouteState(ROUTED)
-        plan = plan_routes(desired, routes.main_table())
+        subnet_routes = dict(desired)
+        for ip, remote in fixed.remote.items():
+            via = subnet_routes.get(str(remote.subnet))
+            if via is not None:  # its node is routed: the /32 follows the same next hop
+                route = remote_fixed_route(ip, via)
+                desired[route.prefix] = route
+        local, keep = local_fixed_routes(fixed.local)
+        desired.update(local)
+        plan = plan_routes(desired, routes.main_table(), keep)
         for route in plan.stale:
             routes.delete_route(route)
         for route in plan.missing:

@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from cni_plugin.datapath.errors import DatapathError
 from cni_plugin.datapath.monitor import DeletionMonitor
 from cni_plugin.datapath.routes import underlay_for
+from ipamd.fixed.model import FixedBinding
 from ipamd.leases import SubnetLeaseManager
 from ipamd.metrics import Metrics
-from ipamd.model import IPNetwork
+from ipamd.model import IPAddress, IPNetwork
 from ipamd.routing.backend import RoutingBackend
 from ipamd.routing.hostgw import HostGw
-from ipamd.routing.lease_watch import LeaseWatcher
+from ipamd.routing.lease_watch import FixedWatcher, LeaseWatcher
 from ipamd.routing.peers import RouteState
 from ipamd.routing.reconciler import RouteReconciler
 from ipamd.routing.vxlan import Vxlan
@@ -44,6 +45,7 @@ class NodeRouting:
         *,
         interval: float,
         metrics: Metrics,
+        local_fixed: Callable[[], dict[IPAddress, str]] = dict,
     ) -> NodeRouting | None:
         """The routing of this node, or None (logged) when it has no public IP."""
         if not public_ip:
@@ -88,6 +90,7 @@ class NodeRouting:
             lambda: leases.config,
             public_ip,
             interval=interval,
+            local_fixed=local_fixed,
             on_run=metrics.observe_reconcile,
         )
         return cls(backend, reconciler)
@@ -100,11 +103,24 @@ class NodeRouting:
         return self.reconciler.states()
 
     def start(
-        self, watcher: LeaseWatcher, stop: threading.Event, spawn: Callable[[str, object], None]
+        self,
+        leases: LeaseWatcher,
+        fixed: FixedWatcher,
+        stop: threading.Event,
+        spawn: Callable[[str, object], None],
     ) -> None:
-        """Reconcile once now (the daemon reports ready after this), then keep reconciling."""
-        watcher.on_change = self.reconciler.leases_changed
-        self.reconciler.leases_changed(watcher.snapshot())
+        """Reconcile once now (the daemon reports ready after this), then keep reconciling on
+        every change either watcher reports (called before the watchers' threads start)."""
+        leases.on_change = self.reconciler.leases_changed
+        before = fixed.on_change
+
+        def fixed_changed(snapshot: Mapping[IPAddress, FixedBinding], revision: int) -> None:
+            before(snapshot, revision)
+            self.reconciler.fixed_changed(snapshot, revision)
+
+        fixed.on_change = fixed_changed
+        self.reconciler.leases_changed(leases.snapshot())
+        self.reconciler.fixed_changed(fixed.snapshot())
         for attempt in range(1, START_ATTEMPTS + 1):
             try:
                 self.reconciler.reconcile_now()

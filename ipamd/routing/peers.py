@@ -10,9 +10,10 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from ipamd.model import IPNetwork, SubnetLease
+from ipamd.fixed.model import FixedBinding
+from ipamd.model import IPAddress, IPNetwork, SubnetLease
 from ipamd.network_config import NetworkConfig
 
 LOCAL = "local"  # this node's own subnet
@@ -27,6 +28,15 @@ _MAC_RE = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 class RouteState:
     state: str
     reason: str = ""
+
+
+@dataclass(frozen=True)
+class FixedPlan:
+    """The /32s of fixed IPs: those this node hosts (IP -> host veth) and those other nodes host
+    (IP -> that node's first routable subnet, whose next hop the /32 shares)."""
+
+    local: dict[IPAddress, str] = field(default_factory=dict)
+    remote: dict[IPAddress, RemoteSubnet] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -83,3 +93,21 @@ def _refusal(lease: SubnetLease, config: NetworkConfig, public_ip: str) -> str:
     if not isinstance(data.get("vtepMAC"), str) or not _MAC_RE.fullmatch(data["vtepMAC"]):
         return f"node {lease.node} publishes no valid VTEP MAC ({data.get('vtepMAC')!r})"
     return ""
+
+
+def fixed_plan(
+    bindings: Iterable[FixedBinding], node: str, remotes: list[RemoteSubnet],
+    local: dict[IPAddress, str],
+) -> FixedPlan:  # fmt: skip
+    """Where each held fixed IP's /32 goes from this node. What this node hosts (its own memory,
+    newer than any watch) is local and never gets the remote form; a binding on a node with no
+    routable subnet here gets no route."""
+    first: dict[str, RemoteSubnet] = {}
+    for remote in sorted(remotes, key=lambda r: int(r.subnet.network_address)):
+        first.setdefault(remote.node, remote)
+    remote_ips = {
+        b.ip: first[b.node]
+        for b in bindings
+        if b.held and b.node != node and b.ip not in local and b.node in first
+    }
+    return FixedPlan(dict(local), remote_ips)

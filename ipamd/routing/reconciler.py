@@ -4,7 +4,8 @@ Level-triggered: every run computes the whole desired state from the latest snap
 backend make the kernel match it, so a missed event, a restart or a hand-made change all converge
 the same way. It runs:
   * once at start, before the daemon reports ready (`reconcile_now` from the daemon's start);
-  * after every lease change the watcher reports (`leases_changed`);
+  * after every lease change and every fixed-IP binding change the watchers report
+    (`leases_changed`, `fixed_changed`);
   * when the kernel reports that one of our objects was deleted (netlink monitor -> `wake`);
   * every `interval` seconds (default 10 s, flannel host-gw's repair period).
 Wake-ups that arrive while a run is going coalesce into one more run.
@@ -20,10 +21,11 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 
-from ipamd.model import IPNetwork, SubnetLease
+from ipamd.fixed.model import FixedBinding
+from ipamd.model import IPAddress, IPNetwork, SubnetLease
 from ipamd.network_config import NetworkConfig
 from ipamd.routing.backend import RoutingBackend
-from ipamd.routing.peers import PENDING, ROUTED, RouteState, remote_subnets
+from ipamd.routing.peers import PENDING, ROUTED, RouteState, fixed_plan, remote_subnets
 
 log = logging.getLogger(__name__)
 RETRY = 1.0  # after a failed run, the next one comes this soon
@@ -38,6 +40,7 @@ class RouteReconciler:
         public_ip: str,
         *,
         interval: float = 10.0,
+        local_fixed: Callable[[], dict[IPAddress, str]] = dict,
         on_run: Callable[[float, bool], None] = lambda seconds, ok: None,
     ) -> None:
         self.backend = backend
@@ -45,18 +48,25 @@ class RouteReconciler:
         self.config = config
         self.public_ip = public_ip
         self.interval = interval
+        self.local_fixed = local_fixed  # the fixed IPs this node hosts: IP -> host veth
         self.on_run = on_run  # metrics: duration, success
         self._lock = threading.Lock()
         self._run_lock = threading.Lock()
         self._wake = threading.Event()
         self._leases: dict[IPNetwork, SubnetLease] = {}
+        self._fixed: list[FixedBinding] = []
         self._states: dict[IPNetwork, RouteState] = {}
         self._logged: dict[IPNetwork, RouteState] = {}
 
     # ---- inputs -----------------------------------------------------------------------------
-    def leases_changed(self, snapshot: Mapping[IPNetwork, SubnetLease]) -> None:
+    def leases_changed(self, snapshot: Mapping[IPNetwork, SubnetLease], revision: int = 0) -> None:
         with self._lock:
             self._leases = dict(snapshot)
+        self._wake.set()
+
+    def fixed_changed(self, snapshot: Mapping[IPAddress, FixedBinding], revision: int = 0) -> None:
+        with self._lock:
+            self._fixed = list(snapshot.values())
         self._wake.set()
 
     def wake(self) -> None:
@@ -75,12 +85,13 @@ class RouteReconciler:
         with self._run_lock:
             self._wake.clear()
             with self._lock:
-                leases = list(self._leases.values())
+                leases, bindings = list(self._leases.values()), list(self._fixed)
             started = time.perf_counter()
             ok = False
             try:
                 remotes, states = remote_subnets(leases, self.node, self.config(), self.public_ip)
-                states.update(self.backend.reconcile(remotes))
+                fixed = fixed_plan(bindings, self.node, remotes, self.local_fixed())
+                states.update(self.backend.reconcile(remotes, fixed))
                 ok = True
             finally:
                 self.on_run(time.perf_counter() - started, ok)

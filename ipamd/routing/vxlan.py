@@ -20,8 +20,13 @@ from cni_plugin.datapath.routes import MOOR_RTPROTO, Underlay
 from cni_plugin.datapath.rtnl_codec import AF_BRIDGE, RouteMsg
 from ipamd.model import IPNetwork
 from ipamd.network_config import NetworkConfig
-from ipamd.routing.backend import plan_routes, taken_reason
-from ipamd.routing.peers import REFUSED, ROUTED, RemoteSubnet, RouteState
+from ipamd.routing.backend import (
+    local_fixed_routes,
+    plan_routes,
+    remote_fixed_route,
+    taken_reason,
+)
+from ipamd.routing.peers import REFUSED, ROUTED, FixedPlan, RemoteSubnet, RouteState
 
 
 class Vxlan:
@@ -62,7 +67,9 @@ class Vxlan:
             address=str(own[0].network_address),
         )
 
-    def reconcile(self, remotes: Sequence[RemoteSubnet]) -> dict[IPNetwork, RouteState]:
+    def reconcile(
+        self, remotes: Sequence[RemoteSubnet], fixed: FixedPlan
+    ) -> dict[IPNetwork, RouteState]:
         index, _made = vxlan.ensure_device(self.spec())
         self.ifindex = index
         desired_routes = {
@@ -86,7 +93,15 @@ class Vxlan:
             (r.vtep_mac, r.public_ip): vxlan.fdb_entry(index, r.vtep_mac, r.public_ip)
             for r in remotes
         }
-        plan = plan_routes(desired_routes, routes.main_table())
+        subnet_routes = dict(desired_routes)
+        for ip, remote in fixed.remote.items():
+            via = subnet_routes.get(str(remote.subnet))
+            if via is not None:  # its node is routed: the /32 follows the same next hop
+                route = remote_fixed_route(ip, via)
+                desired_routes[route.prefix] = route
+        local, keep = local_fixed_routes(fixed.local)
+        desired_routes.update(local)
+        plan = plan_routes(desired_routes, routes.main_table(), keep)
         for route in plan.stale:
             routes.delete_route(route)
         have_fdb = vxlan.entries(AF_BRIDGE, index)

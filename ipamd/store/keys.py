@@ -267,7 +267,7 @@ class Keys:
         which no Kubernetes namespace can be."""
         if namespace and (problem := pod_namespace_problem(namespace)):
             raise ValueError(problem)
-        if problem := pod_name_problem(name):
+        if problem := pod_name_problem(name, namespaced=bool(namespace)):
             raise ValueError(problem)
         return f"{self.prefix}/fixed-ids/{namespace or '-'}/{name}"
 

@@ -33,7 +33,7 @@ from typing import Any
 from tests.helpers.etcd import EtcdServer
 from tests.helpers.moor import REFERENCE_PLUGINS, SHIM, Daemon
 from tests.helpers.traffic import EchoServer, start_echo_servers
-from tests.helpers.underlay import INFRA_IP, Underlay
+from tests.helpers.underlay import Addresses, Underlay
 
 NETWORK = "10.201.0.0/16"
 SUBNET_LEN = 24
@@ -60,6 +60,9 @@ class Pod:
 
 
 class Cluster:
+    daemon_type: type[Daemon] = Daemon  # the bench's types make their processes die with it
+    etcd_type: type[EtcdServer] = EtcdServer
+
     def __init__(
         self,
         *,
@@ -72,20 +75,28 @@ class Cluster:
         lease_ttl: float | None = None,
         daemon_args: tuple[str, ...] = (),
         init_network: bool = True,
+        fixed_ranges: tuple[str, ...] = (),
+        prefix: str = "mc",
+        addresses: Addresses | None = None,
+        network: str = NETWORK,
     ) -> None:
         self.run_id = secrets.token_hex(3)
-        self.prefix = f"mc{self.run_id}"
-        self.key_prefix = f"/mc-{self.run_id}"
+        self.prefix = f"{prefix}{self.run_id}"  # of its netns, temp dir and etcd member
+        self.key_prefix = f"/{prefix}-{self.run_id}"
+        self.network = network
+        self.addresses = addresses or Addresses()
         self.backend = backend
         self.vni, self.vxlan_port = vni, vxlan_port
         self.reconcile_interval, self.lease_ttl = reconcile_interval, lease_ttl
         self.daemon_args = daemon_args
         self.init_network = init_network
-        self.underlay = Underlay(self.prefix, nodes, routed)
+        self.fixed_ranges = fixed_ranges
+        self.underlay = Underlay(self.prefix, nodes, routed, self.addresses)
         self.workdir = Path(tempfile.gettempdir()) / self.prefix  # made by build()
         self._own_workdir = False  # only a dir this cluster made is removed
-        self.etcd = EtcdServer(self.workdir / "etcd", name=self.prefix, client_port=2379,
-                               peer_port=2380, host=INFRA_IP, netns=self.underlay.infra)  # fmt: skip
+        self.etcd = self.etcd_type(self.workdir / "etcd", name=self.prefix, client_port=2379,
+                                   peer_port=2380, host=self.addresses.infra_ip,
+                                   netns=self.underlay.infra)  # fmt: skip
         self.nodes: dict[str, Node] = {}
         self._pod_numbers: dict[str, itertools.count] = {}
         self.pods: list[Pod] = []
@@ -117,9 +128,9 @@ class Cluster:
         self.processes.append(self.etcd.proc)  # type: ignore[arg-type]
         for name in self.underlay.node_names():
             netns, ip = self.underlay.ns(name), self.underlay.node_ip(name)
-            daemon = Daemon(workdir=self.workdir / name, name=name, network="", bridge=BRIDGE,
-                            store_url=f"etcd://{INFRA_IP}:2379", key_prefix=self.key_prefix,
-                            netns=netns)  # fmt: skip
+            daemon = self.daemon_type(workdir=self.workdir / name, name=name, network="",
+                                      bridge=BRIDGE, store_url=self.etcd.url,
+                                      key_prefix=self.key_prefix, netns=netns)  # fmt: skip
             self.nodes[name] = Node(name, netns, ip, daemon)
         self.start(*self.nodes, wait=False)
         if self.init_network:
@@ -211,9 +222,12 @@ class Cluster:
         return self.nodes[name].daemon.moorctl(*args)
 
     def network_init(self) -> None:
-        args = ["--network", NETWORK, "--subnet-len", str(SUBNET_LEN), "--backend", self.backend]
+        args = ["--network", self.network, "--subnet-len", str(SUBNET_LEN)]
+        args += ["--backend", self.backend]
         args += ["--vni", str(self.vni)] if self.vni is not None else []
         args += ["--vxlan-port", str(self.vxlan_port)] if self.vxlan_port is not None else []
+        for fixed in self.fixed_ranges:
+            args += ["--fixed-range", fixed]
         proc = self.moorctl(next(iter(self.nodes)), "network", "init", *args)
         if proc.returncode != 0:
             raise RuntimeError(f"moorctl network init failed: {proc.stderr.strip()}")
@@ -290,8 +304,11 @@ class Cluster:
     def conf(self, name: str) -> dict[str, Any]:
         return {"cniVersion": "1.0.0", "name": CNI_NETWORK, **self.nodes[name].daemon.plugin()}
 
-    def cni(self, command: str, node: str, pod_netns: str, container_id: str) -> dict[str, Any]:
-        """One CNI call through bin/moor run inside the node's netns; the parsed result."""
+    def cni(
+        self, command: str, node: str, pod_netns: str, container_id: str, cni_args: str = ""
+    ) -> dict[str, Any]:
+        """One CNI call through bin/moor run inside the node's netns; the parsed result. The pod
+        identity is `mc/<netns>` unless `cni_args` says otherwise."""
         proc = subprocess.run(
             ["ip", "netns", "exec", self.nodes[node].netns, str(SHIM)],
             input=json.dumps(self.conf(node)).encode(),
@@ -300,7 +317,8 @@ class Cluster:
                 "CNI_CONTAINERID": container_id,
                 "CNI_NETNS": f"/run/netns/{pod_netns}",
                 "CNI_IFNAME": "eth0",
-                "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE=mc;K8S_POD_NAME={pod_netns}",
+                "CNI_ARGS": cni_args
+                or f"IgnoreUnknown=1;K8S_POD_NAMESPACE=mc;K8S_POD_NAME={pod_netns}",
                 "CNI_PATH": f"{SHIM.parent}:{REFERENCE_PLUGINS}",
                 "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
             },
@@ -330,6 +348,16 @@ class Cluster:
             made = list(pool.map(add, specs))
         self.pods += made
         return made
+
+    def add_pod(self, node: str, cni_args: str) -> Pod:
+        """One new pod on `node` with these CNI_ARGS (a pod identity, a requested IP)."""
+        numbers = self._pod_numbers.setdefault(node, itertools.count(1))
+        netns = f"{self.prefix}-{node}p{next(numbers)}"
+        self.underlay.add_netns([netns])
+        result = self.cni("ADD", node, netns, netns, cni_args)
+        pod = Pod(netns, node, result["ips"][0]["address"].split("/")[0], netns, result)
+        self.pods.append(pod)
+        return pod
 
     def delete_pod(self, pod: Pod) -> None:
         self.cni("DEL", pod.node, pod.name, pod.container_id)

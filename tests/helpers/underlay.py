@@ -24,6 +24,24 @@ INFRA_IP = f"{UNDERLAY}.1"
 ROUTER_IP = f"{UNDERLAY}.2"
 
 
+@dataclass(frozen=True)
+class Addresses:
+    """The three /24s of one cluster's wires (first three octets each); the defaults above unless
+    a caller needs others (the bench uses its own, to stay apart from tests in parallel)."""
+
+    underlay: str = UNDERLAY
+    routed: str = ROUTED
+    outside: str = OUTSIDE
+
+    @property
+    def infra_ip(self) -> str:
+        return f"{self.underlay}.1"
+
+    @property
+    def router_ip(self) -> str:
+        return f"{self.underlay}.2"
+
+
 def run_batch(commands: Iterable[str], netns: str = "") -> subprocess.Popen:
     """Start `ip [-n NETNS] -batch -` on `commands`; the caller waits (batches run side by side)."""
     argv = ["ip", *(["-n", netns] if netns else []), "-batch", "-"]
@@ -65,6 +83,7 @@ class Underlay:
     prefix: str  # e.g. "mc3fa1": every netns name starts with it
     nodes: int = 3
     routed: bool = False  # the last node sits behind the router, on another L3 subnet
+    addresses: Addresses = field(default_factory=Addresses)
     made: list[str] = field(default_factory=list)
 
     # ---- names and addresses -------------------------------------------------------------
@@ -91,10 +110,12 @@ class Underlay:
 
     def node_ip(self, node: str) -> str:
         """The node's address on its eth0 when the cluster is built (its `--public-ip`)."""
-        return f"{ROUTED if self.behind_router(node) else UNDERLAY}.{10 + int(node[1:])}"
+        a = self.addresses
+        return f"{a.routed if self.behind_router(node) else a.underlay}.{10 + int(node[1:])}"
 
     def gateway(self, node: str) -> str:
-        return f"{ROUTED}.1" if self.behind_router(node) else INFRA_IP
+        a = self.addresses
+        return f"{a.routed}.1" if self.behind_router(node) else a.infra_ip
 
     # ---- building ------------------------------------------------------------------------
     def build(self) -> None:
@@ -128,39 +149,42 @@ class Underlay:
         finish([sysctl(ns, "net.ipv4.ip_forward=1") for ns in forwarding], "ip_forward")
 
     def _infra_commands(self) -> list[str]:
-        cmds = ["link set lo up", "link add ul0 type bridge", f"addr add {INFRA_IP}/24 dev ul0",
-                "link set ul0 up", f"addr add {OUTSIDE}.1/24 dev {self.outside}",
+        a = self.addresses
+        cmds = ["link set lo up", "link add ul0 type bridge", f"addr add {a.infra_ip}/24 dev ul0",
+                "link set ul0 up", f"addr add {a.outside}.1/24 dev {self.outside}",
                 f"link set {self.outside} up"]  # fmt: skip
         ports = [self.ns(n) for n in self.node_names() if not self.behind_router(n)]
         ports += [self.router] if self.routed else []
         for port in ports:
             cmds += [f"link set {port} master ul0", f"link set {port} up"]
         if self.routed:
-            cmds.append(f"route add {ROUTED}.0/24 via {ROUTER_IP}")
+            cmds.append(f"route add {a.routed}.0/24 via {a.router_ip}")
         return cmds
 
     def _outside_commands(self) -> list[str]:
         """Outside routes back to the node addresses only, never to the pod network: a reply to
         a pod IP that was not masqueraded is lost."""
-        cmds = ["link set lo up", f"addr add {OUTSIDE}.2/24 dev eth0", "link set eth0 up",
-                f"route add {UNDERLAY}.0/24 via {OUTSIDE}.1"]  # fmt: skip
+        a = self.addresses
+        cmds = ["link set lo up", f"addr add {a.outside}.2/24 dev eth0", "link set eth0 up",
+                f"route add {a.underlay}.0/24 via {a.outside}.1"]  # fmt: skip
         if self.routed:
-            cmds.append(f"route add {ROUTED}.0/24 via {OUTSIDE}.1")
+            cmds.append(f"route add {a.routed}.0/24 via {a.outside}.1")
         return cmds
 
     def _router_commands(self) -> list[str]:
-        return ["link set lo up", f"addr add {ROUTER_IP}/24 dev eth0", "link set eth0 up",
-                f"addr add {ROUTED}.1/24 dev eth1", "link set eth1 up",
-                f"route add default via {INFRA_IP}"]  # fmt: skip
+        a = self.addresses
+        return ["link set lo up", f"addr add {a.router_ip}/24 dev eth0", "link set eth0 up",
+                f"addr add {a.routed}.1/24 dev eth1", "link set eth1 up",
+                f"route add default via {a.infra_ip}"]  # fmt: skip
 
     def node_commands(self, node: str, ip: str = "") -> list[str]:
         """Address eth0 (with `ip`, default the node's own) and route: default via infra (or the
         router), and the other L3 subnet via the router."""
-        ip = ip or self.node_ip(node)
+        ip, a = ip or self.node_ip(node), self.addresses
         cmds = [f"addr add {ip}/24 dev eth0", "link set eth0 up",
                 f"route replace default via {self.gateway(node)}"]  # fmt: skip
         if self.routed and not self.behind_router(node):
-            cmds.append(f"route replace {ROUTED}.0/24 via {ROUTER_IP}")
+            cmds.append(f"route replace {a.routed}.0/24 via {a.router_ip}")
         return cmds
 
     def readdress(self, node: str, ip: str) -> None:

@@ -312,6 +312,150 @@ class UtilizationResponse(_message.Message):
     cooldown_seconds: float
     def __init__(self, config: _Optional[_Union[NetworkConfig, _Mapping]] = ..., subnets: _Optional[_Iterable[_Union[SubnetUsage, _Mapping]]] = ..., subnets_leased: _Optional[int] = ..., subnets_free: _Optional[int] = ..., addresses_allocated: _Optional[int] = ..., cooldown_seconds: _Optional[float] = ...) -> None: ...
 
+class FixedBinding(_message.Message):
+    __slots__ = ("ip", "pod", "pod_namespace", "pod_name", "state", "source", "node", "pod_uid", "container_id", "handle", "host_veth", "since", "released_at", "retain_seconds", "retained_until", "reserved_by", "reserved_at")
+    IP_FIELD_NUMBER: _ClassVar[int]
+    POD_FIELD_NUMBER: _ClassVar[int]
+    POD_NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    POD_NAME_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    POD_UID_FIELD_NUMBER: _ClassVar[int]
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    HOST_VETH_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    RELEASED_AT_FIELD_NUMBER: _ClassVar[int]
+    RETAIN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    RETAINED_UNTIL_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_BY_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_AT_FIELD_NUMBER: _ClassVar[int]
+    ip: str
+    pod: str
+    pod_namespace: str
+    pod_name: str
+    state: str
+    source: str
+    node: str
+    pod_uid: str
+    container_id: str
+    handle: Handle
+    host_veth: str
+    since: float
+    released_at: float
+    retain_seconds: float
+    retained_until: float
+    reserved_by: str
+    reserved_at: float
+    def __init__(self, ip: _Optional[str] = ..., pod: _Optional[str] = ..., pod_namespace: _Optional[str] = ..., pod_name: _Optional[str] = ..., state: _Optional[str] = ..., source: _Optional[str] = ..., node: _Optional[str] = ..., pod_uid: _Optional[str] = ..., container_id: _Optional[str] = ..., handle: _Optional[_Union[Handle, _Mapping]] = ..., host_veth: _Optional[str] = ..., since: _Optional[float] = ..., released_at: _Optional[float] = ..., retain_seconds: _Optional[float] = ..., retained_until: _Optional[float] = ..., reserved_by: _Optional[str] = ..., reserved_at: _Optional[float] = ...) -> None: ...
+
+class ReserveRequest(_message.Message):
+    __slots__ = ("pod", "ip")
+    POD_FIELD_NUMBER: _ClassVar[int]
+    IP_FIELD_NUMBER: _ClassVar[int]
+    pod: str
+    ip: str
+    def __init__(self, pod: _Optional[str] = ..., ip: _Optional[str] = ...) -> None: ...
+
+class ReserveResponse(_message.Message):
+    __slots__ = ("binding",)
+    BINDING_FIELD_NUMBER: _ClassVar[int]
+    binding: FixedBinding
+    def __init__(self, binding: _Optional[_Union[FixedBinding, _Mapping]] = ...) -> None: ...
+
+class UnreserveRequest(_message.Message):
+    __slots__ = ("ip", "pod")
+    IP_FIELD_NUMBER: _ClassVar[int]
+    POD_FIELD_NUMBER: _ClassVar[int]
+    ip: str
+    pod: str
+    def __init__(self, ip: _Optional[str] = ..., pod: _Optional[str] = ...) -> None: ...
+
+class UnreserveResponse(_message.Message):
+    __slots__ = ("binding", "cooldown_seconds")
+    BINDING_FIELD_NUMBER: _ClassVar[int]
+    COOLDOWN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    binding: FixedBinding
+    cooldown_seconds: float
+    def __init__(self, binding: _Optional[_Union[FixedBinding, _Mapping]] = ..., cooldown_seconds: _Optional[float] = ...) -> None: ...
+
+class ListFixedRequest(_message.Message):
+    __slots__ = ("node", "pod_namespace", "pod_name", "source", "state")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    POD_NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    POD_NAME_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    pod_namespace: str
+    pod_name: str
+    source: str
+    state: str
+    def __init__(self, node: _Optional[str] = ..., pod_namespace: _Optional[str] = ..., pod_name: _Optional[str] = ..., source: _Optional[str] = ..., state: _Optional[str] = ...) -> None: ...
+
+class ListFixedResponse(_message.Message):
+    __slots__ = ("bindings",)
+    BINDINGS_FIELD_NUMBER: _ClassVar[int]
+    bindings: _containers.RepeatedCompositeFieldContainer[FixedBinding]
+    def __init__(self, bindings: _Optional[_Iterable[_Union[FixedBinding, _Mapping]]] = ...) -> None: ...
+
+class StickyRule(_message.Message):
+    __slots__ = ("name", "namespace", "pod_regex", "retain_seconds", "created_by", "created_at")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    POD_REGEX_FIELD_NUMBER: _ClassVar[int]
+    RETAIN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_BY_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    namespace: str
+    pod_regex: str
+    retain_seconds: float
+    created_by: str
+    created_at: float
+    def __init__(self, name: _Optional[str] = ..., namespace: _Optional[str] = ..., pod_regex: _Optional[str] = ..., retain_seconds: _Optional[float] = ..., created_by: _Optional[str] = ..., created_at: _Optional[float] = ...) -> None: ...
+
+class StickyAddRequest(_message.Message):
+    __slots__ = ("namespace", "pod_regex", "retain_seconds")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    POD_REGEX_FIELD_NUMBER: _ClassVar[int]
+    RETAIN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    pod_regex: str
+    retain_seconds: float
+    def __init__(self, namespace: _Optional[str] = ..., pod_regex: _Optional[str] = ..., retain_seconds: _Optional[float] = ...) -> None: ...
+
+class StickyAddResponse(_message.Message):
+    __slots__ = ("rule", "created")
+    RULE_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    rule: StickyRule
+    created: bool
+    def __init__(self, rule: _Optional[_Union[StickyRule, _Mapping]] = ..., created: _Optional[bool] = ...) -> None: ...
+
+class StickyListRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StickyListResponse(_message.Message):
+    __slots__ = ("rules",)
+    RULES_FIELD_NUMBER: _ClassVar[int]
+    rules: _containers.RepeatedCompositeFieldContainer[StickyRule]
+    def __init__(self, rules: _Optional[_Iterable[_Union[StickyRule, _Mapping]]] = ...) -> None: ...
+
+class StickyRemoveRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class StickyRemoveResponse(_message.Message):
+    __slots__ = ("rule",)
+    RULE_FIELD_NUMBER: _ClassVar[int]
+    rule: StickyRule
+    def __init__(self, rule: _Optional[_Union[StickyRule, _Mapping]] = ...) -> None: ...
+
 class AddressConflict(_message.Message):
     __slots__ = ("ip", "mac", "node", "since", "network")
     IP_FIELD_NUMBER: _ClassVar[int]

@@ -313,6 +313,36 @@ class AdminStub:
                 request_serializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.UtilizationRequest.SerializeToString,
                 response_deserializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.UtilizationResponse.FromString,
                 _registered_method=True)
+        self.Reserve = channel.unary_unary(
+                '/moor.ipam.v1.Admin/Reserve',
+                request_serializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.ReserveRequest.SerializeToString,
+                response_deserializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.ReserveResponse.FromString,
+                _registered_method=True)
+        self.Unreserve = channel.unary_unary(
+                '/moor.ipam.v1.Admin/Unreserve',
+                request_serializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.UnreserveRequest.SerializeToString,
+                response_deserializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.UnreserveResponse.FromString,
+                _registered_method=True)
+        self.ListFixed = channel.unary_stream(
+                '/moor.ipam.v1.Admin/ListFixed',
+                request_serializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.ListFixedRequest.SerializeToString,
+                response_deserializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.ListFixedResponse.FromString,
+                _registered_method=True)
+        self.StickyAdd = channel.unary_unary(
+                '/moor.ipam.v1.Admin/StickyAdd',
+                request_serializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.StickyAddRequest.SerializeToString,
+                response_deserializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.StickyAddResponse.FromString,
+                _registered_method=True)
+        self.StickyList = channel.unary_unary(
+                '/moor.ipam.v1.Admin/StickyList',
+                request_serializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.StickyListRequest.SerializeToString,
+                response_deserializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.StickyListResponse.FromString,
+                _registered_method=True)
+        self.StickyRemove = channel.unary_unary(
+                '/moor.ipam.v1.Admin/StickyRemove',
+                request_serializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.StickyRemoveRequest.SerializeToString,
+                response_deserializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.StickyRemoveResponse.FromString,
+                _registered_method=True)
         self.ListConflicts = channel.unary_unary(
                 '/moor.ipam.v1.Admin/ListConflicts',
                 request_serializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.ListConflictsRequest.SerializeToString,
@@ -370,6 +400,42 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Reserve(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Unreserve(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListFixed(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StickyAdd(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StickyList(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StickyRemove(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListConflicts(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -419,6 +485,36 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.Utilization,
                     request_deserializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.UtilizationRequest.FromString,
                     response_serializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.UtilizationResponse.SerializeToString,
+            ),
+            'Reserve': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reserve,
+                    request_deserializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.ReserveRequest.FromString,
+                    response_serializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.ReserveResponse.SerializeToString,
+            ),
+            'Unreserve': grpc.unary_unary_rpc_method_handler(
+                    servicer.Unreserve,
+                    request_deserializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.UnreserveRequest.FromString,
+                    response_serializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.UnreserveResponse.SerializeToString,
+            ),
+            'ListFixed': grpc.unary_stream_rpc_method_handler(
+                    servicer.ListFixed,
+                    request_deserializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.ListFixedRequest.FromString,
+                    response_serializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.ListFixedResponse.SerializeToString,
+            ),
+            'StickyAdd': grpc.unary_unary_rpc_method_handler(
+                    servicer.StickyAdd,
+                    request_deserializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.StickyAddRequest.FromString,
+                    response_serializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.StickyAddResponse.SerializeToString,
+            ),
+            'StickyList': grpc.unary_unary_rpc_method_handler(
+                    servicer.StickyList,
+                    request_deserializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.StickyListRequest.FromString,
+                    response_serializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.StickyListResponse.SerializeToString,
+            ),
+            'StickyRemove': grpc.unary_unary_rpc_method_handler(
+                    servicer.StickyRemove,
+                    request_deserializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.StickyRemoveRequest.FromString,
+                    response_serializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.StickyRemoveResponse.SerializeToString,
             ),
             'ListConflicts': grpc.unary_unary_rpc_method_handler(
                     servicer.ListConflicts,
@@ -620,6 +716,168 @@ class Admin:
             '/moor.ipam.v1.Admin/Utilization',
             ipamd_dot_api_dot_v1_dot_ipam__pb2.UtilizationRequest.SerializeToString,
             ipamd_dot_api_dot_v1_dot_ipam__pb2.UtilizationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reserve(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moor.ipam.v1.Admin/Reserve',
+            ipamd_dot_api_dot_v1_dot_ipam__pb2.ReserveRequest.SerializeToString,
+            ipamd_dot_api_dot_v1_dot_ipam__pb2.ReserveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Unreserve(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moor.ipam.v1.Admin/Unreserve',
+            ipamd_dot_api_dot_v1_dot_ipam__pb2.UnreserveRequest.SerializeToString,
+            ipamd_dot_api_dot_v1_dot_ipam__pb2.UnreserveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListFixed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/moor.ipam.v1.Admin/ListFixed',
+            ipamd_dot_api_dot_v1_dot_ipam__pb2.ListFixedRequest.SerializeToString,
+            ipamd_dot_api_dot_v1_dot_ipam__pb2.ListFixedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StickyAdd(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moor.ipam.v1.Admin/StickyAdd',
+            ipamd_dot_api_dot_v1_dot_ipam__pb2.StickyAddRequest.SerializeToString,
+            ipamd_dot_api_dot_v1_dot_ipam__pb2.StickyAddResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StickyList(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moor.ipam.v1.Admin/StickyList',
+            ipamd_dot_api_dot_v1_dot_ipam__pb2.StickyListRequest.SerializeToString,
+            ipamd_dot_api_dot_v1_dot_ipam__pb2.StickyListResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StickyRemove(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moor.ipam.v1.Admin/StickyRemove',
+            ipamd_dot_api_dot_v1_dot_ipam__pb2.StickyRemoveRequest.SerializeToString,
+            ipamd_dot_api_dot_v1_dot_ipam__pb2.StickyRemoveResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,70 @@
+"""The datapath of a pod with a fixed IP: a point-to-point veth instead of a bridge port.
+
+A fixed IP is in no node's subnet, so it cannot sit on the node's bridge. The pod gets the IP as a
+/32, the link-local gateway FIXED_GATEWAY (169.254.1.1) as a link-scope route, a default route via
+it, and a permanent neighbour entry mapping the gateway to the host end's MAC (so it never needs
+an ARP answer: proxy ARP only answers for targets the node routes out of another interface, which
+a node without a default route does not). The host end is on no bridge; the node routes the /32
+to it (scope link, protocol 109, so the route reconcile owns it), and proxy ARP is on there too,
+for a pod that flushed its neighbour table. This is Calico's proven form, with the neighbour made
+explicit. The IP can then live on any node: the other nodes route the /32 toward whichever node
+holds it (SPEC-NOTES, fixed IPs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import socket
+
+from cni_plugin.datapath import bridge as br
+from cni_plugin.datapath import routes, veth, vxlan
+from cni_plugin.datapath.errors import DatapathError
+from cni_plugin.datapath.netns import run_in_netns
+from cni_plugin.datapath.rtnl_codec import RT_SCOPE_LINK, NeighMsg, RouteMsg
+from cni_plugin.ipam import FIXED_GATEWAY, AssignedAddress
+from cni_plugin.iptypes import IPAddress
+
+GATEWAY_NET = ipaddress.ip_network(f"{FIXED_GATEWAY}/32")
+DEFAULT_V4 = ipaddress.ip_network("0.0.0.0/0")
+
+
+def pod_routes() -> list[veth.Route]:
+    """The link-scope route to the gateway first, then the default route through it."""
+    return [veth.Route(GATEWAY_NET), veth.Route(DEFAULT_V4, FIXED_GATEWAY)]
+
+
+def configure(netns_fd: int, ifname: str, alloc: AssignedAddress, host_mac: str) -> None:
+    """The pod's side: its /32, the gateway as a permanent neighbour, the two routes; and
+    arp_notify, so the interface announces the IP (gratuitous ARP) when it comes up: after a
+    move, whatever on its link still knew the IP learns where it is now."""
+    run_in_netns(netns_fd, lambda: _write_sysctl(f"/proc/sys/net/ipv4/conf/{ifname}/arp_notify"))
+    veth.configure_pod_interface(
+        netns_fd, ifname, [alloc.interface], pod_routes(), [(FIXED_GATEWAY, host_mac)]
+    )
+
+
+def _write_sysctl(path: str, value: str = "1") -> None:
+    with contextlib.suppress(OSError):  # a kernel without the knob: nothing to announce with
+        with open(path, "w") as f:
+            f.write(value)
+
+
+def attach_host(host_name: str, ip: IPAddress) -> None:
+    """The node's side: forwarding, proxy ARP on the host end, and the /32 route to it."""
+    br.enable_ip_forward()
+    index = veth.host_veth_index(host_name)
+    if index is None:
+        raise DatapathError(f"host veth {host_name} vanished before its route was added")
+    _write_sysctl(f"/proc/sys/net/ipv4/conf/{host_name}/proxy_arp")
+    _write_sysctl(f"/proc/sys/net/ipv4/neigh/{host_name}/proxy_delay", "0")
+    routes.replace_route(RouteMsg(str(ip), ip.max_prefixlen, oif=index, scope=RT_SCOPE_LINK))
+
+
+def detach_host(host_name: str, ip: IPAddress) -> None:
+    """The fixed IP moved to another node while this pod is still here (its DEL not run yet):
+    forget the neighbour entry toward it, so nothing on this node points at the old pod. The
+    route was changed by the reconcile; the veth goes with the DEL."""
+    index = veth.host_veth_index(host_name)
+    if index is not None:
+        vxlan.delete_entry(NeighMsg(socket.AF_INET, index, "", str(ip), 0))
