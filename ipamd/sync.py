@@ -5,8 +5,9 @@ release done elsewhere — `moorctl release`, `moorctl node remove` through anot
 must reach that memory, or the IP stays "used" here until a restart.
 
 Scope: one watch stream over this node's part of the store only (`watched_prefixes`): the IP
-records of its own subnets, and their address conflict records (`ipamd/conflicts.py`). A watch on the whole key prefix would bring every daemon every pod
-change of the cluster, a fan-out that grows with nodes x churn. The subnet leases (every node's:
+records of its own subnets, and their address conflict records (`ipamd/conflicts.py`). A watch
+on the whole key prefix would bring every daemon every pod change of the cluster, a fan-out that
+grows with nodes x churn. The subnet leases (every node's:
 the routes need them) have their own watcher, `routing/lease_watch.py`, which also reports a
 vanished lease of this node's to the lease manager.
 

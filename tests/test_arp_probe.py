@@ -1,4 +1,4 @@
-"""`arpProbe`: an RFC 5227 address conflict probe before ADD completes (issue 14, "Wire conflict probe").
+"""`arpProbe`: an RFC 5227 address conflict probe before ADD completes (issue 14, wire probe).
 
 The intruder is the most honest one there is: a netns on the pod's L2 whose kernel holds the
 candidate IP (Linux answers a probe for one of its own addresses). A listener netns on the same
@@ -237,7 +237,7 @@ def test_a_put_replayed_after_a_local_clear_does_not_block_again(tmp_path: Path)
     assert again.ip == first.ip
 
 
-# ---- real daemons, real netns, real kernels on a shared L2 ----------------------------------------
+# ---- real daemons, real netns, real kernels on a shared L2 ---------------------------------------
 @pytest.fixture
 def node(tmp_path: Path) -> Iterator[Daemon]:
     """A fresh daemon leasing /30s, no cooldown; its bridge made first so an intruder can join."""
@@ -582,7 +582,7 @@ def test_ipam_mode_restores_a_down_interface_and_refuses_a_missing_one(
     assert [a for a in node.status()["allocations"] if a["containerID"] == "mpr-d2"] == []
 
 
-# ---- a clear made through another node reaches the owning node's memory (real etcd) ---------------
+# ---- a clear made through another node reaches the owning node's memory (real etcd) --------------
 @pytest.mark.netns
 def test_a_conflict_cleared_through_another_node_unblocks_the_ip_on_its_node(
     tmp_path: Path, etcd_server: Any
