@@ -1,7 +1,8 @@
 """Issue 14: a fixed IP follows its pod to another node, on the simulated 3-node cluster, for
 host-gw and vxlan.
 
-`prod/db-0` holds a fixed IP on node 1; a pod on node 3 reaches it. db-0 is recreated on node 2
+`prod/db-0`, under a sticky rule for `prod/db-[0-9]+`, takes a fixed IP on node 1; a pod on node 3
+reaches it. db-0 is recreated on node 2
 (new pod UID) while node 1 has not run its DEL yet (the DEL is held back until after node 2's
 ADD, the race every peer has shipped a duplicate-IP bug from). Every node filters reverse paths
 strictly (rp_filter=1). Node 2 takes the IP over: node 3's
@@ -26,13 +27,13 @@ from tests.helpers.traffic import EchoServer, Probe, probe
 pytestmark = [pytest.mark.root, pytest.mark.netns]
 
 FIXED_RANGE = "10.201.250.0/24"
-DB_IP = "10.201.250.10"
+DB_IP = "10.201.250.1"  # the lowest free IP of the fixed range: the sticky rule's pick
 OLD_PORT, NEW_PORT = 7101, 7102
 MOVE_WITHIN = 2.0
 
 
 def db0(uid: str) -> str:
-    return f"IP={DB_IP};K8S_POD_NAMESPACE=prod;K8S_POD_NAME=db-0;K8S_POD_UID={uid}"
+    return f"K8S_POD_NAMESPACE=prod;K8S_POD_NAME=db-0;K8S_POD_UID={uid}"
 
 
 def serve(c: Cluster, netns: str, port: int) -> None:
@@ -69,6 +70,8 @@ def test_a_fixed_ip_follows_its_pod_and_a_late_del_frees_nothing(backend: str) -
         for node in c.nodes.values():  # strict reverse-path filtering everywhere
             subprocess.run(["ip", "netns", "exec", node.netns, "sysctl", "-qw",
                             "net.ipv4.conf.all.rp_filter=1"], check=True)  # fmt: skip
+        rule = c.moorctl("n1", "sticky", "add", "--namespace", "prod", "--pod-regex", "db-[0-9]+")
+        assert rule.returncode == 0, rule.stderr
         client = c.add_pods(per_node=1, nodes=["n3"])[0]
         old = c.add_pod("n1", db0("uid-1"))
         assert old.ip == DB_IP
