@@ -12,35 +12,30 @@ ADD, DEL and CHECK of one attachment are serialised by its lock (`attachments.py
 
 from __future__ import annotations
 
-import errno
 import ipaddress
 import logging
-import os
 from collections.abc import Callable
 from contextlib import ExitStack
 
-from cni_plugin import deadline, fixed_pod, kernel_record
+from cni_plugin import deadline, fixed_pod, kernel_record, request_parts
 from cni_plugin.attachments import WAIT, AttachmentLocks, Key
 from cni_plugin.check import check_datapath
 from cni_plugin.datapath import bridge as br
 from cni_plugin.datapath import veth
-from cni_plugin.datapath.errors import LinkExists, LinkNotFound, NetnsError, PodInterfaceExists
+from cni_plugin.datapath.errors import LinkExists, LinkNotFound, PodInterfaceExists
 from cni_plugin.datapath.masq import MasqueradeRules
 from cni_plugin.datapath.netns import netns_inode
 from cni_plugin.errors import (
     CHECK_FAILED,
     DUPLICATE_ATTACHMENT,
     INTERFACE_EXISTS,
-    INVALID_ENVIRONMENT,
     INVALID_NETWORK_CONFIG,
     PLUGIN_NOT_AVAILABLE,
     TRY_AGAIN_LATER,
-    UNKNOWN_CONTAINER,
     CNIError,
 )
-from cni_plugin.ipam import AddressRequest, AssignedAddress, AttachmentOwner, IpamPort
+from cni_plugin.ipam import AddressRequest, AssignedAddress, IpamPort
 from cni_plugin.kernel_record import AttachmentRecord
-from cni_plugin.netconf import NetConf, ci_get
 from cni_plugin.node_datapath import NodeDatapath
 from cni_plugin.reaper import HostVethReaper
 from cni_plugin.result import Interface, IPConfig, Result, Route
@@ -85,41 +80,17 @@ class MoorPlugin:
             self.fault_hook(point, req)
 
     def _require_netns(self, req: Request) -> int:
-        if req.netns_fd is None:
-            if req.netns_errno == errno.ENOENT:
-                raise CNIError(UNKNOWN_CONTAINER, f"network namespace {req.netns!r} does not exist")
-            reason = os.strerror(req.netns_errno) if req.netns_errno else "not passed"
-            raise CNIError(
-                INVALID_ENVIRONMENT, f"CNI_NETNS {req.netns!r} cannot be opened: {reason}"
-            )
-        try:
-            inode = netns_inode(req.netns_fd)
-        except NetnsError as exc:  # e.g. the empty mount-point file of an unmounted netns
-            raise CNIError(
-                INVALID_ENVIRONMENT, f"CNI_NETNS {req.netns!r} is not a network namespace ({exc})"
-            ) from exc
-        if inode == self.own_netns_inode:
-            raise CNIError(
-                INVALID_ENVIRONMENT, f"CNI_NETNS {req.netns!r} is the host's own network namespace"
-            )
-        return req.netns_fd
-
-    @staticmethod
-    def _owner(req: Request) -> AttachmentOwner:
-        a = req.args
-        return AttachmentOwner(
-            req.conf.name, req.container_id, req.ifname, a.pod_namespace, a.pod_name, a.pod_uid
-        )
+        return request_parts.require_netns(req, self.own_netns_inode)
 
     def _allocate(self, req: Request, netns_inode: int, host_veth: str = "") -> AssignedAddress:
         """The attachment's address; a second ADD of the same attachment is code 101."""
         assigned = self.ipam.allocate(
             AddressRequest(
-                self._owner(req),
+                request_parts.owner(req),
                 netns=req.netns,
                 netns_inode=netns_inode,
                 host_veth=host_veth,
-                requested=self._requested_ip(req),
+                requested=request_parts.requested_ip(req),
             )
         )
         if assigned.existed:
@@ -129,39 +100,6 @@ class MoorPlugin:
                 f"network {req.conf.name}; duplicate ADD is not allowed",
             )
         return assigned
-
-    def _requested_ip(self, req: Request) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-        """runtimeConfig.ips > args.cni.ips > CNI_ARGS IP= (the CONVENTIONS precedence); one IP."""
-        raw = req.conf.raw
-        candidates = ci_get(raw.get("runtimeConfig"), "ips") or ci_get(
-            ci_get(raw.get("args"), "cni"), "ips"
-        )
-        if not candidates and req.args.ip:
-            candidates = [req.args.ip]
-        if not candidates:
-            return None
-        if not isinstance(candidates, list) or len(candidates) != 1:
-            raise CNIError(
-                INVALID_NETWORK_CONFIG, f"moor takes exactly one requested IP, got {candidates!r}"
-            )
-        try:
-            return ipaddress.ip_interface(str(candidates[0])).ip
-        except ValueError as exc:
-            raise CNIError(
-                INVALID_NETWORK_CONFIG, f"invalid requested IP {candidates[0]!r}"
-            ) from exc
-
-    def _routes(self, conf: NetConf, alloc: AssignedAddress) -> list[Route]:
-        routes = list(conf.ipam.routes) if conf.ipam else []
-        if (
-            conf.mode == "main"
-            and conf.is_default_gateway
-            and not any(r.dst == DEFAULT_V4 and r.gw for r in routes)
-        ):
-            routes = [r for r in routes if r.dst != DEFAULT_V4] + [Route(DEFAULT_V4, alloc.gateway)]
-        if conf.mode == "ipam" and not routes:
-            routes = [Route(DEFAULT_V4, alloc.gateway)]
-        return routes
 
     def maintain(self) -> None:
         """Re-verify what the hot path caches (bridges, gateways, masquerade); the timer's."""
@@ -213,7 +151,7 @@ class MoorPlugin:
                 ) from exc
             undo.callback(veth.delete_host_veth_if_exists, host_name)
             self._fault("after-veth", req)
-            routes = self._routes(conf, alloc) if alloc else []
+            routes = request_parts.routes(conf, alloc) if alloc else []
             if alloc is not None:
                 veth.configure_pod_interface(
                     fd,
@@ -297,7 +235,7 @@ class MoorPlugin:
         """What the host veth tells a daemon whose store lost this allocation."""
         if alloc is None:
             return ""
-        record = AttachmentRecord(self.node_tag, alloc.interface, self._owner(req))
+        record = AttachmentRecord(self.node_tag, alloc.interface, request_parts.owner(req))
         return kernel_record.encode(record) or ""
 
     def _ipam_add(self, req: Request) -> Result:
@@ -317,7 +255,8 @@ class MoorPlugin:
                 self._probe(req, req.netns_fd, alloc)  # type: ignore[arg-type]  # checked above
                 undo.pop_all()
         return Result(
-            ips=[IPConfig(alloc.interface, alloc.gateway)], routes=self._routes(req.conf, alloc)
+            ips=[IPConfig(alloc.interface, alloc.gateway)],
+            routes=request_parts.routes(req.conf, alloc),
         )
 
     def _probe(self, req: Request, netns_fd: int, alloc: AssignedAddress) -> None:

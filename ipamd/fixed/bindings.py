@@ -16,14 +16,17 @@ late it comes, finds no handle and frees nothing (`release` is a no-op for it).
 
 from __future__ import annotations
 
-import ipaddress
-import json
 import logging
-import time
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
 from ipamd.errors import Conflict, IpamError, NotFound
+from ipamd.fixed.binding_records import (
+    TXN_RETRIES,
+    BindingRecords,
+    FixedIPUnavailable,
+    host_net,
+    ip_of,
+)
 from ipamd.fixed.model import (
     REQUEST,
     RESERVATION,
@@ -32,18 +35,11 @@ from ipamd.fixed.model import (
     Generation,
     Identity,
 )
-from ipamd.model import Allocation, IPAddress, IPNetwork, Owner
-from ipamd.records import ip_records, records
-from ipamd.store.base import Compare, Delete, KeyValue, Put, Store
-from ipamd.store.keys import Keys
+from ipamd.model import Allocation, IPAddress, Owner
+from ipamd.store.base import Compare, Delete, Put
 
 log = logging.getLogger(__name__)
-TXN_RETRIES = 16
-
-
-class FixedIPUnavailable(IpamError):
-    """The fixed IP is bound to another identity, held outside moor's fixed bindings, cooling
-    down, or not in a fixed range; or the identity is bound to another fixed IP."""
+__all__ = ["Claimed", "FixedBindings", "FixedIPUnavailable", "StaleGeneration"]
 
 
 class StaleGeneration(IpamError):
@@ -60,71 +56,8 @@ class Claimed:
     revision: int = 0  # the store revision of the claim
 
 
-class FixedBindings:
-    def __init__(
-        self,
-        store: Store,
-        keys: Keys,
-        fixed_ranges: Callable[[], Iterable[IPNetwork]],
-        *,
-        cooldown: float = 60.0,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self.store = store
-        self.keys = keys
-        self.fixed_ranges = fixed_ranges
-        self.cooldown = cooldown
-        self.clock = clock
-
-    # ---- reading ------------------------------------------------------------------------------
-    def get(self, ip: IPAddress) -> FixedBinding | None:
-        kv = self.store.get(self.keys.fixed(ip))
-        return FixedBinding.from_json(ip, kv.value) if kv is not None else None
-
-    def of_identity(self, identity: Identity) -> FixedBinding | None:
-        """The binding of a named identity, through the index (None for unnamed identities)."""
-        if not identity.named:
-            return None
-        kv = self.store.get(self.keys.fixed_identity(identity.namespace, identity.name))
-        if kv is None:
-            return None
-        binding = self.get(_ip(kv.value))
-        return binding if binding is not None and binding.identity == identity else None
-
-    def allocation(self, binding: FixedBinding) -> Allocation | None:
-        """The IP record of a held binding, if it is the holder's."""
-        kv = self.store.get(self.keys.ip(binding.ip))
-        if kv is None:
-            return None
-        alloc = Allocation.from_json(binding.ip, kv.value)
-        return alloc if alloc.owner.handle == binding.handle else None
-
-    def unavailable(self) -> set[IPAddress]:
-        """Fixed-range IPs that have an IP record or are cooling down (a binding aside); only
-        the key ranges of the fixed ranges are listed, never the whole cluster's records."""
-        ranges = list(self.fixed_ranges())
-        out = {ip for ip, _ in ip_records(self.store, self.keys, ranges)}
-        now = self.clock()
-        for kv in records(self.store, self.keys, "released", ranges):
-            ip = self.keys.parse_released(kv.key)
-            at = float(json.loads(kv.value).get("releasedAt", 0))
-            if ip is not None and self.is_fixed(ip) and now - at < self.cooldown:
-                out.add(ip)
-        return out
-
-    def all(self) -> list[FixedBinding]:
-        items, _ = self.store.list_prefix(self.keys.fixed_prefix())
-        out = []
-        for kv in items:
-            ip = self.keys.parse_fixed(kv.key)
-            if ip is None:
-                continue
-            try:
-                out.append(FixedBinding.from_json(ip, kv.value))
-            except (ValueError, TypeError, AttributeError, KeyError) as exc:
-                # one hand-edited record must not blind the listing and the retention sweep
-                log.warning("fixed binding %s is malformed, skipped: %s", kv.key, exc)
-        return sorted(out, key=lambda b: int(b.ip))
+class FixedBindings(BindingRecords):
+    """The decisions: reserve, claim, release, put back, expire (see the module docstring)."""
 
     # ---- reservations -----------------------------------------------------------------------
     def reserve(self, identity: Identity, ip: IPAddress, actor: str) -> FixedBinding:
@@ -214,7 +147,7 @@ class FixedBindings:
             now = self.clock()
             binding = current.held_by(generation, owner.handle, node, host_veth, now)
             existed = current.handle == owner.handle and current.generation == generation
-            alloc = Allocation(ip, _host_net(ip), owner, node, binding.since if existed else now,
+            alloc = Allocation(ip, host_net(ip), owner, node, binding.since if existed else now,
                                netns, netns_inode, host_veth)  # fmt: skip
             ops: list[Put | Delete] = [
                 Put(self.keys.fixed(ip), binding.to_json()),
@@ -240,7 +173,7 @@ class FixedBindings:
         handle_key = self.keys.handle(*handle)
         for _ in range(TXN_RETRIES):
             hkv = self.store.get(handle_key)
-            if hkv is None or not self.is_fixed(ip := _ip(hkv.value)):
+            if hkv is None or not self.is_fixed(ip := ip_of(hkv.value)):
                 return None
             bkv = self.store.get(self.keys.fixed(ip))
             ikv = self.store.get(self.keys.ip(ip))
@@ -316,88 +249,3 @@ class FixedBindings:
                               self._end_ops(binding, node=node)).succeeded:  # fmt: skip
                 ended.append(binding)
         return ended
-
-    # ---- helpers ------------------------------------------------------------------------------
-    def is_fixed(self, ip: IPAddress) -> bool:
-        return any(ip in r for r in self.fixed_ranges())
-
-    def _read(
-        self, ip: IPAddress, identity: Identity, handle: tuple[str, str, str] | None = None
-    ) -> _State:
-        """Everything a decision about `ip` depends on, with the compares that pin it. Every
-        change of a fixed IP writes its binding, so a binding read the same before and after the
-        other keys means they were read between two such changes (the txn's compares catch any
-        later one)."""
-        keys = [self.keys.fixed(ip), self.keys.ip(ip), self.keys.released(ip)]
-        if identity.named:
-            keys.append(self.keys.fixed_identity(identity.namespace, identity.name))
-        if handle is not None:
-            keys.append(self.keys.handle(*handle))
-        for _ in range(TXN_RETRIES):  # one key at a time: re-read until no claim came between
-            kvs = {k: self.store.get(k) for k in keys}
-            again = self.store.get(keys[0])
-            if _revision(again) == _revision(kvs[keys[0]]):
-                break
-        bkv = kvs[keys[0]]
-        binding = FixedBinding.from_json(ip, bkv.value) if bkv is not None else None
-        if identity.named and (index := kvs[keys[3]]) is not None and _ip(index.value) != ip:
-            other = self.get(_ip(index.value))
-            if other is not None and other.identity == identity:
-                raise FixedIPUnavailable(
-                    f"{identity.text} is bound to {other.ip} already ({other.source}, "
-                    f"{other.state}): one fixed IP per pod"
-                )
-        if handle is not None and (hkv := kvs[keys[-1]]) is not None and _ip(hkv.value) != ip:
-            raise FixedIPUnavailable(f"attachment {'/'.join(handle)} holds {_ip(hkv.value)}")
-        compares = [Compare(k, kv.mod_revision if kv else 0) for k, kv in kvs.items()]
-        return _State(ip, binding, kvs[keys[1]], kvs[keys[2]], compares)
-
-    def _require_fixed(self, ip: IPAddress) -> None:
-        if not self.is_fixed(ip):
-            raise FixedIPUnavailable(f"{ip} is not in a fixed range of the network")
-
-    def _require_free(self, state: _State) -> None:
-        if state.ip_record is not None:
-            holder = Allocation.from_json(state.ip, state.ip_record.value)
-            raise FixedIPUnavailable(f"{state.ip} is allocated to {'/'.join(holder.owner.handle)}")
-        if state.released is not None:
-            at = float(json.loads(state.released.value).get("releasedAt", 0))
-            if self.clock() - at < self.cooldown:
-                raise FixedIPUnavailable(f"{state.ip} was released recently and cools down")
-
-    def _index_put(self, identity: Identity, ip: IPAddress) -> Put:
-        return Put(self.keys.fixed_identity(identity.namespace, identity.name), str(ip).encode())
-
-    def _cooldown_ops(self, ip: IPAddress, node: str) -> list[Put | Delete]:
-        record = {"releasedAt": self.clock(), "node": node}
-        return [Put(self.keys.released(ip), json.dumps(record).encode())]
-
-    def _end_ops(self, binding: FixedBinding, node: str = "") -> list[Put | Delete]:
-        """The binding (and its index) go; the IP cools down like any released one."""
-        ops: list[Put | Delete] = [Delete(self.keys.fixed(binding.ip))]
-        ops += self._cooldown_ops(binding.ip, node)
-        if binding.identity.named:
-            index = self.keys.fixed_identity(binding.identity.namespace, binding.identity.name)
-            ops.append(Delete(index))
-        return ops
-
-
-@dataclass(frozen=True)
-class _State:
-    ip: IPAddress
-    binding: FixedBinding | None
-    ip_record: KeyValue | None
-    released: KeyValue | None
-    compares: list[Compare]
-
-
-def _revision(kv: KeyValue | None) -> int:
-    return kv.mod_revision if kv is not None else 0
-
-
-def _ip(value: bytes) -> IPAddress:
-    return ipaddress.ip_address(value.decode())
-
-
-def _host_net(ip: IPAddress) -> IPNetwork:
-    return ipaddress.ip_network(f"{ip}/{ip.max_prefixlen}")
