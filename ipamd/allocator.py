@@ -16,7 +16,6 @@ compares the IP record's owner and revision, so a stale release never frees an I
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
 import threading
 import time
@@ -26,11 +25,12 @@ from ipamd import conflicts
 from ipamd.errors import NetworkExhausted, RequestedIPUnavailable
 from ipamd.leases import SubnetLeaseManager
 from ipamd.model import Allocation, IPAddress, IPNetwork, Owner
-from ipamd.pool import PoolStatus, SubnetPool
+from ipamd.pool import PoolStatus, SubnetPool, pool_for
+from ipamd.pool_loader import read_pools
 from ipamd.release import TXN_RETRIES, release_handle
 from ipamd.rwlock import SharedExclusiveLock
-from ipamd.store.base import Compare, Delete, KeyValue, Put, Store
-from ipamd.store.keys import Keys, covering_prefixes
+from ipamd.store.base import Compare, Delete, Put, Store
+from ipamd.store.keys import Keys
 
 log = logging.getLogger(__name__)
 
@@ -70,52 +70,10 @@ class NodeAllocator:
             self._load()
 
     def _load(self) -> None:
-        pools, by_handle = self._read(self.leases.subnets)
+        pools, by_handle = read_pools(self.store, self.keys, self.leases.subnets)
         with self._lock:
             self._pools = pools
             self._by_handle = by_handle
-
-    def _read(
-        self, subnets: list[IPNetwork]
-    ) -> tuple[dict[IPNetwork, SubnetPool], dict[tuple[str, str, str], Allocation]]:
-        """Pools and the handle index of `subnets`, from their records in the store."""
-        pools = {s: SubnetPool(s) for s in subnets}
-        by_handle: dict[tuple[str, str, str], Allocation] = {}
-        for kv in self._list_subnets(self.keys.ips_prefix_for, subnets, pools):
-            ip = self.keys.parse_ip(kv.key)
-            pool = self._pool_for(ip, pools) if ip is not None else None
-            if ip is None or pool is None:
-                continue
-            alloc = Allocation.from_json(ip, kv.value)
-            pool.used.add(ip)
-            by_handle[alloc.owner.handle] = alloc
-        released: list[tuple[float, IPAddress]] = []
-        for kv in self._list_subnets(self.keys.released_prefix_for, subnets):
-            ip = self.keys.parse_released(kv.key)
-            if ip is not None and self._pool_for(ip, pools) is not None:
-                released.append((float(json.loads(kv.value).get("releasedAt", 0)), ip))
-        for at, ip in sorted(released):
-            pool = self._pool_for(ip, pools)
-            if pool is not None and ip not in pool.used:
-                pool.push_released(ip, at)
-        self._read_conflicts(pools)
-        return pools, by_handle
-
-    def _read_conflicts(self, pools: dict[IPNetwork, SubnetPool]) -> None:
-        """Block the IPs with a conflict record. Each pool learns the revision of this listing
-        on its own (`conflicts_listed_at`): it is later than its IP records' listing, and the
-        follower skips a change at or before the listing that holds it."""
-        prefix_for = self.keys.conflicts_prefix_for
-        for prefix in covering_prefixes(prefix_for(subnet) for subnet in pools):
-            items, revision = self.store.list_prefix(prefix)
-            for subnet, pool in pools.items():
-                if prefix_for(subnet).startswith(prefix):
-                    pool.conflicts_listed_at = revision
-            for kv in items:
-                ip = self.keys.parse_conflict(kv.key)
-                pool = self._pool_for(ip, pools) if ip is not None else None
-                if ip is not None and pool is not None:
-                    pool.block(ip)
 
     def _adopt_new_subnets(self) -> None:
         """Pools for subnets the lease manager holds but the allocator has none for yet (one it
@@ -125,7 +83,7 @@ class NodeAllocator:
             missing = [s for s in held if s not in self._pools]
         if not missing:
             return
-        pools, by_handle = self._read(missing)
+        pools, by_handle = read_pools(self.store, self.keys, missing)
         with self._lock:
             for subnet, pool in pools.items():
                 if subnet not in self._pools:
@@ -134,30 +92,9 @@ class NodeAllocator:
                         (h, a) for h, a in by_handle.items() if a.subnet == subnet
                     )
 
-    def _list_subnets(
-        self,
-        prefix_for: Callable[[IPNetwork], str],
-        subnets: list[IPNetwork],
-        pools: dict[IPNetwork, SubnetPool] | None = None,
-    ) -> list[KeyValue]:
-        """Records under the key prefixes covering `subnets`: this node's part of the cluster's
-        state, not all of it (callers still filter by subnet membership). Each of `pools` learns
-        the revision its records were listed at."""
-        found: list[KeyValue] = []
-        for prefix in covering_prefixes(prefix_for(subnet) for subnet in subnets):
-            items, revision = self.store.list_prefix(prefix)
-            found += items
-            for subnet, pool in (pools or {}).items():
-                if prefix_for(subnet).startswith(prefix):
-                    pool.listed_at = revision
-        return found
-
     @staticmethod
     def _pool_for(ip: IPAddress, pools: dict[IPNetwork, SubnetPool]) -> SubnetPool | None:
-        for subnet, pool in pools.items():
-            if ip in subnet:
-                return pool
-        return None
+        return pool_for(ip, pools)
 
     # ---- allocation ------------------------------------------------------------------------
     def allocate(

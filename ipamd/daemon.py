@@ -276,7 +276,8 @@ class Daemon:
             if time.monotonic() >= next_gc:
                 next_gc = time.monotonic() + self.cfg.leak_gc_interval
                 self._task("leak GC", self.leak_gc.sweep)
-                self._task("ending fixed-IP retentions", self.fixed.expire_retained)
+                if (fixed := getattr(self, "fixed", None)) is not None:
+                    self._task("ending fixed-IP retentions", fixed.expire_retained)
 
     @staticmethod
     def _task(what: str, task: Callable[[], object]) -> None:

@@ -138,3 +138,11 @@ class PoolStatus:
     @property
     def free(self) -> int:
         return self.total - self.used - self.cooling - self.conflicts
+
+
+def pool_for(ip: IPAddress, pools: dict[IPNetwork, SubnetPool]) -> SubnetPool | None:
+    """The pool whose subnet holds `ip`, if any."""
+    for subnet, pool in pools.items():
+        if ip in subnet:
+            return pool
+    return None
