@@ -155,12 +155,12 @@ def test_run_with_ip_gets_the_fixed_ip_and_talks_to_a_plain_container_both_ways(
     # moor's view and the host's: db holds the fixed IP under its podman identity, routed as a
     # /32 to its host veth; the plain container holds an ordinary IP of the node's subnet.
     db = held(node, FIXED_IP)
-    assert db and db["containerID"] == db_id and db["pod"].endswith("/mpd-db"), db
+    assert db and db["containerID"] == db_id and db["pod"] == "mpd-db", db
     assert db["netns"] == p.inspect("mpd-db")["NetworkSettings"]["SandboxKey"]
     (route,) = oracle.ip_json("route", "show", f"{FIXED_IP}/32")
     assert (route["dev"], route["protocol"]) == (db["hostVeth"], "109"), route
     web = held(node, web_ip)
-    assert web and web["containerID"] == web_id and web["pod"].endswith("/" + web_name), web
+    assert web and web["containerID"] == web_id and web["pod"] == web_name, web
 
     # What podman 4.3 sent: the one --ip as CNI_ARGS IP=, the container name as K8S_POD_NAME, no
     # runtimeConfig (despite the declared capability); DEL later carries the ADD's result.
