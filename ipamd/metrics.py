@@ -19,13 +19,11 @@ from typing import TYPE_CHECKING
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 from ipamd.config import split_host_port
 from ipamd.errors import NetworkExhausted, NoLease
 from ipamd.fixed.gauges import FixedCollector
-from ipamd.model import IPNetwork
-from ipamd.network_config import NetworkConfig
+from ipamd.metrics_gauges import ConflictCollector, IpamCollector
 from ipamd.store.base import (
     Store,
     StoreError,
@@ -74,11 +72,11 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         # Registered first, so a store error they hit shows in the same scrape's error counter.
-        self._ipam_collector = _IpamCollector()
+        self._ipam_collector = IpamCollector()
         self.registry.register(self._ipam_collector)
         self._fixed_collector = FixedCollector()
         self.registry.register(self._fixed_collector)
-        self._conflict_collector = _ConflictCollector()
+        self._conflict_collector = ConflictCollector()
         self.registry.register(self._conflict_collector)
         self.allocation_seconds = Histogram(
             "moor_allocation_duration_seconds",
@@ -267,105 +265,3 @@ def cni_code(exit_code: int, stdout: bytes) -> str:
     except (ValueError, AttributeError):
         code = None
     return str(code) if isinstance(code, int) else "unknown"
-
-
-# ---- scrape-time gauges -------------------------------------------------------------------
-class _IpamCollector:
-    """moor_addresses, moor_node_subnets and moor_node_subnets_held, read at scrape time."""
-
-    def __init__(self) -> None:
-        self.ipam: NodeIpam | None = None
-
-    def describe(self) -> Iterable[Metric]:
-        return self._families()
-
-    def collect(self) -> Iterable[Metric]:
-        ipam = self.ipam
-        if ipam is None:
-            return []
-        addresses, subnets, held = self._families()
-        for pool in ipam.pools():
-            subnet = str(pool.subnet)
-            addresses.add_metric([subnet, "allocated"], pool.used)
-            addresses.add_metric([subnet, "free"], pool.free)
-            addresses.add_metric([subnet, "cooling"], pool.cooling)
-            addresses.add_metric([subnet, "conflict"], pool.conflicts)
-            addresses.add_metric([subnet, "reserved"], pool.subnet.num_addresses - pool.total)
-        held.add_metric([], len(ipam.leases.subnets))
-        families = [addresses, held]
-        try:
-            items, _ = ipam.store.list_prefix(ipam.leases.keys.subnets_prefix())
-        except StoreError as exc:  # counted by CountingStore; the rest of the scrape still works
-            log.warning("metrics: cannot list node subnets: %s", exc)
-            return families
-        config = ipam.leases.config
-        parsed = (ipam.leases.keys.parse_subnet(kv.key) for kv in items)
-        leased = [s for s in parsed if s is not None and _in_network(config, s)]
-        # A lease outside the leaseable range (the range shrank since) is leased, but not off `free`.
-        in_range = sum(1 for s in leased if config.leaseable(s))
-        subnets.add_metric(["leased"], len(leased))
-        subnets.add_metric(["free"], max(0, config.leaseable_count() - in_range))
-        return [*families, subnets]
-
-    @staticmethod
-    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
-        return (
-            GaugeMetricFamily(
-                "moor_addresses",
-                "Pod addresses of this node's subnets by state: allocated, free, cooling "
-                "(released, waiting out the cooldown), reserved (network, gateway, broadcast), "
-                "conflict (another host answered the ARP probe for it).",
-                labels=["subnet", "state"],
-            ),
-            GaugeMetricFamily(
-                "moor_node_subnets",
-                "Node subnets of the cluster network: leased (by any node) and free.",
-                labels=["state"],
-            ),
-            GaugeMetricFamily(
-                "moor_node_subnets_held", "Node subnets this node holds a lease on.", labels=[]
-            ),
-        )
-
-
-class _ConflictCollector:
-    """moor_ip_conflicts at scrape time: the cluster's address conflict records (one range read
-    of `<prefix>/conflicts/`, empty but for conflicts; fixed IPs' included). Every node reports
-    the same count, as for moor_node_subnets."""
-
-    def __init__(self) -> None:
-        self.ipam: NodeIpam | None = None
-
-    def describe(self) -> Iterable[Metric]:
-        return [self._family()]
-
-    def collect(self) -> Iterable[Metric]:
-        ipam = self.ipam
-        if ipam is None:
-            return []
-        keys = ipam.leases.keys
-        try:
-            items, _ = ipam.store.list_prefix(keys.conflicts_prefix())
-        except StoreError as exc:  # counted by CountingStore; the rest of the scrape still works
-            log.warning("metrics: cannot list address conflicts: %s", exc)
-            return []
-        family = self._family()
-        family.add_metric([], sum(1 for kv in items if keys.parse_conflict(kv.key) is not None))
-        return [family]
-
-    @staticmethod
-    def _family() -> GaugeMetricFamily:
-        return GaugeMetricFamily(
-            "moor_ip_conflicts",
-            "IPs of the cluster another host answered the ARP probe for (netconf arpProbe): "
-            "never handed out until `moorctl conflicts clear`.",
-            labels=[],
-        )
-
-
-def _in_network(config: NetworkConfig, subnet: IPNetwork) -> bool:
-    return (
-        subnet.version == config.network.version
-        and subnet.prefixlen == config.subnet_len
-        and subnet.subnet_of(config.network)  # type: ignore[arg-type]
-    )
