@@ -152,7 +152,7 @@ HELP = {
     "request_deadline": "seconds from accepting a CNI request to its reply; past it, code 11",
     "store_grace": "seconds the store may be unreachable before STATUS/health say not ready",
     "reconcile_interval": "seconds between full reconciles of the routes to other nodes",
-    "enable_fault_injection": argparse.SUPPRESS,  # tests only: see ipamd.daemon.fault_hook
+    "enable_fault_injection": argparse.SUPPRESS,  # tests only: see ipamd.faults
 }
 
 

@@ -23,16 +23,16 @@ from cni_plugin import deadline, skel
 from cni_plugin.attachments import AttachmentLocks
 from cni_plugin.datapath.inventory import host_link_names
 from cni_plugin.datapath.masq import MasqueradeRules
-from cni_plugin.errors import CNIError
 from cni_plugin.plugin import MoorPlugin
 from cni_plugin.reaper import HostVethReaper
-from cni_plugin.skel import Reply, Request
+from cni_plugin.skel import Reply
 from cni_plugin.wire import WireRequest
 from ipamd.admin import AdminServicer
 from ipamd.assembly import AwaitingNetwork, IpamSwitch, assemble_node, remembered_network
 from ipamd.cni_port import NodeIpamPort
 from ipamd.cni_server import CniEndpoint
 from ipamd.config import DaemonConfig
+from ipamd.faults import delay_hook, fault_hook
 from ipamd.fixed_ops import FixedOps
 from ipamd.grpc_gate import GrpcGate
 from ipamd.leakgc import LeakCollector
@@ -55,28 +55,6 @@ TIMER_TICK = 5.0
 AWAIT_TICK = 1.0  # how often a daemon without a network config looks for one
 SIOCGIFADDR = 0x8915
 JOURNAL_RETRY = 1.0
-
-
-def fault_hook(point: str, req: Request) -> None:
-    """Test-only (`--enable-fault-injection`): a request whose container ID is `fault-<point>-...`
-    fails with 999 at that point; `delay-<point>-<millis>-...` sleeps there (see `delay_hook`).
-    The plugin's points are `after-ipam`, `after-veth` and `before-result` (ADD), `before-release`
-    (DEL) and `reap` (DEL's background deletion of the host veth)."""
-    if req.container_id.startswith(f"fault-{point}-"):
-        raise CNIError(999, f"injected fault at {point}")
-    delay_hook(point, req.container_id)
-
-
-def delay_hook(point: str, container_id: str) -> None:
-    """Test-only: sleep `<millis>` ms at `point` for a container ID `delay-<point>-<millis>-...`,
-    to make a handler outlast its deadline or keep workers busy while the queue fills. Besides
-    the plugin's points there is `handle`: in the daemon, before any work, for every verb."""
-    prefix = f"delay-{point}-"
-    if container_id.startswith(prefix):
-        millis = container_id[len(prefix) :].partition("-")[0]
-        if millis.isdigit():
-            log.debug("test delay: %s sleeps %s ms at %s", container_id, millis, point)
-            time.sleep(int(millis) / 1000)
 
 
 def interface_ipv4(iface: str) -> str:
