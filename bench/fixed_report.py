@@ -162,9 +162,9 @@ HOW = {
     "Move": """The simulated 3-node cluster of the multi-node tests (tests/helpers/cluster.py,
         etcd and three `moor-ipamd` in netns, default log level and 10 s resync), one per backend,
         network {pods} with the fixed range {fixed}, underlay {underlay}.0/24, `rp_filter=1` on
-        every node. `prod/db-0` asks for {db_ip} (CNI_ARGS `IP=…;K8S_POD_NAMESPACE=prod;
-        K8S_POD_NAME=db-0;K8S_POD_UID=…`: a per-request fixed IP, claimed with the same
-        generation guard as a sticky one) on n1, then is recreated {moves} times alternately on
+        every node. `prod/db-0` asks for {db_ip} (CNI_ARGS
+        `IP=…;K8S_POD_NAMESPACE=prod;K8S_POD_NAME=db-0;K8S_POD_UID=…`: a per-request fixed IP,
+        claimed with the same generation guard as a sticky one) on n1, then is recreated {moves} times alternately on
         n2 and n1, each time with a new pod UID in a new netns whose UDP echo server is already
         listening; the old node's DEL comes after the new node's ADD, as in the move test. A pod
         on n3 probes {db_ip} every {interval:g} ms (one process for the whole run, sequence

@@ -56,9 +56,10 @@ def attach_host(host_name: str, ip: IPAddress, pod_mac: str) -> None:
     the pod (its MAC is known: the node never ARPs for it), and the /32 route to it.
 
     The neighbour entry matters after a move: the other nodes route the IP here as soon as the
-    claim is in the store, so traffic arrives while the pod's end is still coming up. An ARP
-    request the node sends then can be lost (before the kernel's link watch has activated the
-    host end), and the next one goes out only a second later (retrans_time); the pod's
+    claim is in the store, so traffic arrives while the pod's end is still coming up. The node's
+    first ARP request for the pod then sometimes gets no answer (most likely it goes out before
+    the host end transmits: the kernel's link watch activates it a moment after the pod's end
+    comes up), and the next one goes out only a second later (retrans_time); the pod's
     gratuitous ARP does not help when it came before the first packet did. With the entry,
     nothing waits on ARP: without it, about 1 move in 20 of the move bench (bench/fixed_move.py)
     took 0.7-0.8 s instead of tens of ms. An entry made meanwhile (INCOMPLETE) is replaced."""
