@@ -1,9 +1,10 @@
 """A sticky pod's move on the simulated 3-node cluster: from the ADD on the new node until a pod on
 another node reaches the new pod.
 
-`prod/db-0` holds the fixed IP DB_IP; a pod on n3 probes it without pause. Each move recreates
-db-0 on the other one of n1 and n2 with a new pod UID (CNI_ARGS `IP=`, as a StatefulSet pod asks
-for its IP), and the old node's DEL comes only after the new node's ADD (tests/test_fixed_move.py's
+`prod/db-0`, under a sticky rule for `prod/db-[0-9]+` (`moorctl sticky add`), takes the lowest
+free fixed IP, DB_IP, on n1; a pod on n3 probes it without pause. Each move recreates db-0 on the
+other one of n1 and n2 with a new pod UID (a StatefulSet pod rescheduled: CNI_ARGS name the pod,
+no IP), and the old node's DEL comes only after the new node's ADD (tests/test_fixed_move.py's
 flow). Every db-0 generation runs a UDP echo server on the same port that prefixes its answer with
 its own tag, so an answer tells the new pod from the old one. Every node filters reverse paths
 strictly (rp_filter=1), as in the move test.
@@ -30,7 +31,8 @@ from tests.helpers.cluster import Cluster
 from tests.helpers.traffic import PYTHON, in_netns
 
 Progress = Callable[[str], None]
-DB_IP = "10.213.250.10"
+DB_IP = "10.213.250.1"  # the lowest free IP of the fixed range: the sticky rule's pick
+STICKY = ("--namespace", "prod", "--pod-regex", "db-[0-9]+")
 PORT = 7300
 PROBE_INTERVAL = 0.001
 MOVE_TIMEOUT = 10.0  # a move whose new pod does not answer by then is a failure
@@ -207,7 +209,7 @@ class Prober:
 
 
 def db0_args(uid: str) -> str:
-    return f"IP={DB_IP};K8S_POD_NAMESPACE=prod;K8S_POD_NAME=db-0;K8S_POD_UID={uid}"
+    return f"K8S_POD_NAMESPACE=prod;K8S_POD_NAME=db-0;K8S_POD_UID={uid}"
 
 
 @dataclass
@@ -230,6 +232,9 @@ def moves(c: Cluster, count: int, say: Progress) -> Moves:
     """db-0 placed on n1, then moved `count` times between n1 and n2 while n3's pod probes it."""
     fig = Moves(c.backend)
     strict_rp_filter(c)
+    rule = c.moorctl("n1", "sticky", "add", *STICKY)
+    if rule.returncode != 0:
+        raise RuntimeError(f"moorctl sticky add failed: {rule.stderr.strip()}")
     client = c.add_pods(1, ["n3"])[0]
     watch = RouteWatch([c.nodes[n].netns for n in ("n1", "n2", "n3")])
     prober: Prober | None = None
@@ -239,7 +244,10 @@ def moves(c: Cluster, count: int, say: Progress) -> Moves:
         prober = Prober(client.name)
         live.append(_start(c, "n1", 0))
         prober.want("g0")
-        c.cni("ADD", "n1", live[0].netns, live[0].netns, db0_args(live[0].uid))
+        first = c.cni("ADD", "n1", live[0].netns, live[0].netns, db0_args(live[0].uid))
+        got = first["ips"][0]["address"].split("/")[0]
+        if got != DB_IP:
+            raise RuntimeError(f"db-0 got {got} under the sticky rule, not {DB_IP}")
         if not prober.result()["ok"]:
             raise RuntimeError(f"n3's pod never reached db-0 on n1 ({DB_IP})")
         for k in range(1, count + 1):

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from bench import report
 from bench.cluster_report import BACKENDS, HEADER, ClusterRow, p99
-from bench.fixed_move import COLLECT, DB_IP, PROBE_INTERVAL, Move, Moves
+from bench.fixed_move import COLLECT, DB_IP, PROBE_INTERVAL, STICKY, Move, Moves
 from bench.fixed_reconcile import MOVES, FixedReconcileCase
 from bench.fixed_setup import (
     ADDRESSES,
@@ -162,11 +162,12 @@ HOW = {
     "Move": """The simulated 3-node cluster of the multi-node tests (tests/helpers/cluster.py,
         etcd and three `moor-ipamd` in netns, default log level and 10 s resync), one per backend,
         network {pods} with the fixed range {fixed}, underlay {underlay}.0/24, `rp_filter=1` on
-        every node. `prod/db-0` asks for {db_ip} (CNI_ARGS
-        `IP=…;K8S_POD_NAMESPACE=prod;K8S_POD_NAME=db-0;K8S_POD_UID=…`: a per-request fixed IP,
-        claimed with the same generation guard as a sticky one) on n1, then is recreated {moves} times alternately on
-        n2 and n1, each time with a new pod UID in a new netns whose UDP echo server is already
-        listening; the old node's DEL comes after the new node's ADD, as in the move test. A pod
+        every node. Under a sticky rule (`moorctl sticky add {sticky}`) `prod/db-0` takes the
+        lowest free fixed IP, {db_ip}, on n1 (CNI_ARGS
+        `K8S_POD_NAMESPACE=prod;K8S_POD_NAME=db-0;K8S_POD_UID=…`), then is recreated {moves} times
+        alternately on n2 and n1, each time with a new pod UID in a new netns whose UDP echo
+        server is already listening; it gets its IP back each time (checked), and the old node's
+        DEL comes after the new node's ADD, as in the move test. A pod
         on n3 probes {db_ip} every {interval:g} ms (one process for the whole run, sequence
         numbers stamped with `time.perf_counter`, CLOCK_MONOTONIC like the bench's); each
         generation's server prefixes its answer with its own tag, so an answer of the new pod is
@@ -207,6 +208,7 @@ def how_measured(fig: FixedFigures) -> list[str]:
         "fixed": FIXED_RANGE,
         "underlay": ADDRESSES.underlay,
         "db_ip": DB_IP,
+        "sticky": " ".join(f"'{a}'" if "[" in a else a for a in STICKY),
         "interval": PROBE_INTERVAL * 1000,
         "collect": COLLECT * 1000,
         "network": RECONCILE_NETWORK,
