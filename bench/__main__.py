@@ -1,9 +1,10 @@
 """`python -m bench`: set up, measure, tear down (always, also on Ctrl-C or SIGTERM), report.
 
-Three parts, each with its own section of BENCHMARKS.md: the CNI plugin against the reference
+Four parts, each with its own section of BENCHMARKS.md: the CNI plugin against the reference
 bridge + host-local (bench/cni_bench.py), then the IPAM daemon on etcd against host-local
 (bench/ipam_bench.py), then the routes between nodes and the traffic over them on a simulated
-cluster (bench/cluster_bench.py); `--only cni|ipam|cluster` runs one.
+cluster (bench/cluster_bench.py), then fixed pod IPs: a sticky pod's move and the /32s of many
+fixed IPs (bench/fixed_bench.py); `--only cni|ipam|cluster|fixed` runs one.
 
 Exit status: 0 when every call succeeded and the host is clean (whether or not the targets
 are met), 1 when a call failed, the run broke or something could not be removed, 2 on bad
@@ -21,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench import cluster_bench, ipam_bench, report
+from bench import cluster_bench, fixed_bench, ipam_bench, report
 from bench.cni_bench import Bench, Figures, container_ids, startup_floor
 from bench.harness import (
     IP_FORWARD,
@@ -53,12 +54,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--quick",
         action="store_true",
         help="CNI: 10 pods, 10-concurrent only, 1 round; IPAM: smaller counts, 1 round; "
-        "cluster: 10 joins, 1000 leases, 1 round",
+        "cluster: 10 joins, 1000 leases, 1 round; fixed: 5 moves, 1000 fixed IPs, 1 start",
     )
     parser.add_argument(
         "--only",
-        choices=("cni", "ipam", "cluster"),
-        help="run one part (default: CNI, then IPAM, then cluster)",
+        choices=("cni", "ipam", "cluster", "fixed"),
+        help="run one part (default: CNI, then IPAM, then cluster, then fixed)",
     )
     parser.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
     parser.add_argument(
@@ -253,6 +254,10 @@ def main(argv: list[str] | None = None) -> int:
             return status
     if args.only in (None, "cluster"):
         status = cluster_bench.run_part(args.quick, args.no_write, command, say) or status
+        if status == 130:
+            return status
+    if args.only in (None, "fixed"):
+        status = fixed_bench.run_part(args.quick, args.no_write, command, say) or status
     return status
 
 

@@ -58,6 +58,7 @@ class Start:
     cpu: float  # the daemon's CPU seconds, spawn -> ready
     rss_mb: float  # VmRSS at ready
     hwm_mb: float  # VmHWM (peak RSS) at ready
+    cpu_routes: float = 0.0  # the daemon's CPU seconds, spawn -> the last route seen
 
 
 @dataclass
@@ -182,18 +183,19 @@ class ReconcileBench:
         spawned = time.perf_counter()
         daemon.spawn()
         assert daemon.proc is not None
+        clock = ProcessCpu(daemon.proc.pid)
         if not self.watch.wait(lambda: len(self.routes()) >= count, ROUTES_TIMEOUT):
             raise RuntimeError(f"{len(self.routes())} of {count} routes after {ROUTES_TIMEOUT} s")
+        cpu_routes = clock.seconds()
         last = max(self.watch.seen(self.net.node)[0].values())
         while not daemon.started():
             time.sleep(0.005)
         ready = time.perf_counter()
-        cpu = ProcessCpu(daemon.proc.pid).seconds()
+        cpu = clock.seconds()
         mem = _memory_mb(daemon.proc.pid)
         runs, seconds = self.runs(daemon)
-        return Start(
-            last - spawned, ready - spawned, seconds, runs, cpu, mem["VmRSS"], mem["VmHWM"]
-        )
+        return Start(last - spawned, ready - spawned, seconds, runs, cpu, mem["VmRSS"],
+                     mem["VmHWM"], cpu_routes)  # fmt: skip
 
     def relist(self, daemon: BenchDaemon, config: NetworkConfig, prefix: str, count: int) -> Relist:
         """A change made while the daemon's watch is broken and the history compacted: SIGCONT

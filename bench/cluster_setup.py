@@ -78,11 +78,19 @@ class BenchCluster(Cluster):
 
 class ReconcileNet:
     """Two netns joined by one veth: `-rinfra` (etcd on 172.20.0.1) and `-rnode` (the node under
-    test, eth0 172.20.0.2/16: every peer's 172.20.x.y is directly connected, as host-gw needs)."""
+    test, eth0 172.20.0.2/16: every peer's 172.20.x.y is directly connected, as host-gw needs).
+    Another part of the bench passes its own prefix and /16's addresses."""
 
-    def __init__(self, run_id: str) -> None:
-        self.infra = f"{PREFIX}{run_id}-rinfra"
-        self.node = f"{PREFIX}{run_id}-rnode"
+    def __init__(
+        self,
+        run_id: str,
+        prefix: str = PREFIX,
+        infra_ip: str = RECONCILE_INFRA_IP,
+        node_ip: str = RECONCILE_NODE_IP,
+    ) -> None:
+        self.infra = f"{prefix}{run_id}-rinfra"
+        self.node = f"{prefix}{run_id}-rnode"
+        self.infra_ip, self.node_ip = infra_ip, node_ip
         self.made: list[str] = []
 
     def build(self) -> None:
@@ -91,10 +99,10 @@ class ReconcileNet:
         finish([run_batch([f"netns add {self.infra}", f"netns add {self.node}", pair])], "netns")
         infra = [
             "link set lo up",
-            f"addr add {RECONCILE_INFRA_IP}/16 dev rnode",
+            f"addr add {self.infra_ip}/16 dev rnode",
             "link set rnode up",
         ]
-        node = ["link set lo up", f"addr add {RECONCILE_NODE_IP}/16 dev eth0", "link set eth0 up"]
+        node = ["link set lo up", f"addr add {self.node_ip}/16 dev eth0", "link set eth0 up"]
         finish([run_batch(infra, self.infra), run_batch(node, self.node)], "addressing")
 
     def clear_node(self, device: str) -> None:
@@ -124,20 +132,20 @@ class ReconcileNet:
                            input="".join(f"netns del {n}\n" for n in names))  # fmt: skip
 
 
-def our_netns() -> list[str]:
+def our_netns(prefix: str = PREFIX) -> list[str]:
     out = sh("ip", "netns", "list", check=False).stdout
     names = [line.split()[0] for line in out.splitlines() if line.strip()]
-    return [name for name in names if name.startswith(PREFIX)]
+    return [name for name in names if name.startswith(prefix)]
 
 
-def leftovers() -> list[str]:
+def leftovers(prefix: str = PREFIX) -> list[str]:
     """Netns of ours still on the machine (before a run: a killed run's; after: a bug)."""
-    return [f"netns {name}" for name in our_netns()]
+    return [f"netns {name}" for name in our_netns(prefix)]
 
 
-def remove_stale() -> list[str]:
+def remove_stale(prefix: str = PREFIX) -> list[str]:
     """A killed earlier run's netns (their daemons died with it): deleted; returns their names."""
-    stale = our_netns()
+    stale = our_netns(prefix)
     if stale:
         subprocess.run(["ip", "-force", "-batch", "-"], capture_output=True, text=True,
                        input="".join(f"netns del {n}\n" for n in stale))  # fmt: skip

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ipamd.model import SubnetLease
 from ipamd.network_config import NetworkConfig
-from ipamd.store.base import Put
+from ipamd.store.base import Put, Store
 from ipamd.store.keys import Keys
 from ipamd.store.open import open_store
 
@@ -45,19 +45,28 @@ def peer_lease(config: NetworkConfig, index: int, first_ip: str, now: float) -> 
     return SubnetLease(subnet, node, now, ip, config.backend_data(node))
 
 
+def write_all(store: Store, ops: list[Put]) -> None:
+    """`ops` in txns of at most TXN_OPS puts, from WRITERS threads (also bench/fixed_store.py)."""
+    batches = [ops[k : k + TXN_OPS] for k in range(0, len(ops), TXN_OPS)]
+    with ThreadPoolExecutor(WRITERS) as pool:
+        for result in pool.map(lambda batch: store.txn([], batch), batches):
+            if not result.succeeded:
+                raise RuntimeError("a preload txn did not apply")
+
+
+def peer_lease_ops(keys: Keys, config: NetworkConfig, count: int, first_ip: str) -> list[Put]:
+    now = time.time()
+    leases = (peer_lease(config, i, first_ip, now) for i in range(count))
+    return [Put(keys.subnet(lease.subnet), lease.to_json()) for lease in leases]
+
+
 def preload(store_url: str, prefix: str, config: NetworkConfig, count: int, first_ip: str) -> int:
     keys = Keys(prefix)
     store = open_store(store_url, timeout=60.0)
-    now = time.time()
     try:
         store.put(keys.config(), config.to_json())
-        leases = (peer_lease(config, i, first_ip, now) for i in range(count))
-        ops = [Put(keys.subnet(lease.subnet), lease.to_json()) for lease in leases]
-        batches = [ops[k : k + TXN_OPS] for k in range(0, len(ops), TXN_OPS)]
-        with ThreadPoolExecutor(WRITERS) as pool:
-            for result in pool.map(lambda batch: store.txn([], batch), batches):
-                if not result.succeeded:
-                    raise RuntimeError("a preload txn did not apply")
+        ops = peer_lease_ops(keys, config, count, first_ip)
+        write_all(store, ops)
         return 1 + len(ops)
     finally:
         store.close()

@@ -197,7 +197,7 @@ class MoorPlugin:
         undo.callback(veth.delete_host_veth_if_exists, host_name)
         self._fault("after-veth", req)
         fixed_pod.configure(fd, req.ifname, alloc, pair.host.mac)
-        fixed_pod.attach_host(host_name, alloc.interface.ip)
+        fixed_pod.attach_host(host_name, alloc.interface.ip, pair.pod.mac)
         if req.conf.ip_masq:
             self.host.ensure_masquerade(self.ipam.network)
         self._fault("before-result", req)

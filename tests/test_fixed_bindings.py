@@ -165,6 +165,22 @@ def test_one_fixed_ip_per_identity_and_per_request_bindings_end_with_the_pod(
     assert claimed.binding.identity.text == "container:c5"
 
 
+def test_held_on_reads_only_the_bindings_a_node_holds(fixed: FixedBindings) -> None:
+    """What a starting daemon loads: the held bindings naming it, not those it let go, not other
+    nodes'; a malformed one is skipped, as `all` skips it."""
+    third = ipaddress.ip_address("10.205.250.9")
+    fixed.claim(IP, pod("db-0", "u1", "c1"), "n1", source=STICKY, retain=60, host_veth="v1")
+    fixed.claim(OTHER_IP, pod("db-1", "u2", "c2"), "n2", source=STICKY, retain=60)
+    fixed.claim(third, pod("db-2", "u3", "c3"), "n1", source=STICKY, retain=60)
+    fixed.release(("mfx", "c3", "eth0"), "n1")  # retained, held by nobody, last on n1
+    garbage = b'{"node": "n2", "generation": {"uid": "u"}, "source": "?"}'
+    fixed.store.put(fixed.keys.fixed(ipaddress.ip_address("10.205.250.10")), garbage)
+    (mine,) = fixed.held_on("n1")
+    assert (mine.ip, mine.node, mine.host_veth, mine.held) == (IP, "n1", "v1", True)
+    assert [b.ip for b in fixed.held_on("n3")] == []
+    assert [b.ip for b in fixed.held_on("n2")] == [OTHER_IP]
+
+
 def test_concurrent_generations_leave_exactly_one_holder(fixed: FixedBindings) -> None:
     owners = [pod("db-0", f"u{i}", f"c{i}") for i in range(8)]
     barrier = threading.Barrier(len(owners))

@@ -107,6 +107,11 @@ def test_a_fixed_ip_follows_its_pod_and_a_late_del_frees_nothing(backend: str) -
             assert route["dev"] == "moor.1" and route["gateway"] == c.subnet_of("n2").split("/")[0]
         (here,) = routes_to(c, "n2", DB_IP)
         assert here["dev"] == new.result["interfaces"][0]["name"] and here["scope"] == "link"
+        # ... and knows the new pod's MAC for good: it never waits on an ARP answer for it.
+        (entry,) = neighbours_of(c, "n2", DB_IP)
+        assert (entry["dev"], entry["lladdr"], entry["state"]) == (
+            here["dev"], new.result["interfaces"][1]["mac"], ["PERMANENT"],
+        )  # fmt: skip
         assert not probe(client.name, [Probe(DB_IP, port=OLD_PORT, timeout=0.3)])[0].ok
         wait_for("node 1 to forget its old pod's neighbour entry",
                  lambda: neighbours_of(c, "n1", DB_IP) == [])  # fmt: skip

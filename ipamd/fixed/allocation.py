@@ -68,7 +68,7 @@ class FixedAllocator:
     def load(self) -> None:
         """This node's fixed attachments, from the bindings in the store."""
         held: dict[tuple[str, str, str], tuple[Allocation, int, FixedBinding | None]] = {}
-        for binding in self.bindings.all():
+        for binding in self.bindings.held_on(self.node):
             if binding.held and binding.node == self.node and binding.handle is not None:
                 alloc = self.bindings.allocation(binding)
                 if alloc is not None:

@@ -5,7 +5,8 @@ by key *and value* against what was known, so an entry that changed during the g
 public IP or MAC under the same subnet, a fixed IP that moved) is applied; flannel's re-list
 compares subnets only and loses exactly that. The whole snapshot, with the revision it is valid
 at, goes to `on_change` after every change (the reconcile is level-triggered); `on_diff` hears
-what changed, for logs and for the lease manager.
+what changed, for logs and for the lease manager. The first listing is not a change: it is logged
+as one line (a daemon of a 5000-node cluster used to log 5000 lines at every start).
 
 Locks: the snapshot is owned by the watcher's thread (and `load`, called before it starts); the
 callbacks get copies.
@@ -107,7 +108,7 @@ class PrefixWatcher(Generic[K, V]):
         self.revision = revision
         if fresh == self._raw and self._loaded:
             return
-        self._loaded = True
+        first, self._loaded = not self._loaded, True
         old = self._items
         items: dict[K, V] = {}
         for key, value in fresh.items():
@@ -118,10 +119,13 @@ class PrefixWatcher(Generic[K, V]):
                 items[key] = self.parse_value(key, value)
             except (ValueError, KeyError, TypeError) as exc:
                 log.warning("%s %s is unreadable, ignored: %s", self.what, key, exc)
-        for key in old.keys() - items.keys():
-            self.on_diff(key, old[key], None)
-        for key, item in items.items():
-            if old.get(key) != item:
-                self.on_diff(key, old.get(key), item)
+        if first:
+            log.info("%d %s record(s) listed at revision %d", len(items), self.what, revision)
+        else:
+            for key in old.keys() - items.keys():
+                self.on_diff(key, old[key], None)
+            for key, item in items.items():
+                if old.get(key) != item:
+                    self.on_diff(key, old.get(key), item)
         self._raw, self._items = fresh, items
         self.on_change(dict(items), revision)
