@@ -16,8 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from ipamd.fixed.allocation import FixedAllocator
 from ipamd.fixed.bindings import FixedBindings, FixedIPUnavailable, StaleGeneration
 from ipamd.fixed.model import REQUEST, RESERVATION, STICKY, Generation, Identity
+from ipamd.fixed.sticky import StickyRule, StickyRules
 from ipamd.model import Allocation, Owner
 from ipamd.store.base import Store
 from ipamd.store.keys import Keys
@@ -209,3 +211,60 @@ def test_concurrent_generations_leave_exactly_one_holder(fixed: FixedBindings) -
         if loser != holder:
             assert fixed.release(loser.handle, "n") is None  # every loser's DEL frees nothing
     assert records_agree(fixed, IP) == holder
+
+
+def test_a_sticky_pod_whose_free_ip_another_pod_claimed_first_chooses_again(
+    fixed: FixedBindings,
+) -> None:
+    """Two sticky pods' first ADDs on two nodes choose the same lowest free IP; the second claim
+    takes the next free one instead of failing (the churn test found ADDs failing with 105)."""
+    rules = StickyRules(fixed.store, fixed.keys)
+    rules.add(StickyRule("prod"))
+    n1, n2 = FixedAllocator(fixed, rules, "n1"), FixedAllocator(fixed, rules, "n2")
+    db0, db1 = pod("db-0", "u1", "c1"), pod("db-1", "u2", "c2")
+    choice = n1.choose(db0, None)
+    assert choice is not None and choice.fresh
+    first = n2.claim(db1, n2.choose(db1, None))  # type: ignore[arg-type]
+    assert first.binding.ip == choice.ip  # db-1 came between db-0's choice and its claim
+    claimed = n1.claim(db0, choice)
+    assert claimed.binding.ip != choice.ip and claimed.binding.identity == Identity("prod", "db-0")
+    assert records_agree(fixed, choice.ip) == db1
+    assert records_agree(fixed, claimed.binding.ip) == db0
+    # An IP the pod asked for is not chosen again: taken is taken.
+    asked = n1.choose(pod("db-2", "u3", "c3"), choice.ip)
+    assert asked is not None and not asked.fresh
+    with pytest.raises(FixedIPUnavailable):
+        n1.claim(pod("db-2", "u3", "c3"), asked)
+
+
+def test_a_burst_of_sticky_first_adds_on_three_nodes_all_get_distinct_ips(
+    fixed: FixedBindings,
+) -> None:
+    """A StatefulSet scaled up in parallel: 16 first ADDs at once, all choosing the lowest free
+    IP; every one succeeds, each with its own IP, the records agreeing."""
+    rules = StickyRules(fixed.store, fixed.keys)
+    rules.add(StickyRule("prod"))
+    nodes = [FixedAllocator(fixed, rules, f"n{i}") for i in range(3)]
+    owners = [pod(f"db-{i}", f"u{i}", f"c{i}") for i in range(16)]
+    barrier = threading.Barrier(len(owners))
+    got: dict[Owner, ipaddress.IPv4Address] = {}
+    errors: list[BaseException] = []
+
+    def first_add(i: int, owner: Owner) -> None:
+        node = nodes[i % 3]
+        barrier.wait()
+        try:
+            choice = node.choose(owner, None)
+            assert choice is not None
+            got[owner] = node.claim(owner, choice).binding.ip  # type: ignore[assignment]
+        except BaseException as exc:  # a 105 here is the bug: a free IP was left
+            errors.append(exc)
+
+    threads = [threading.Thread(target=first_add, args=(i, o)) for i, o in enumerate(owners)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    assert len(set(got.values())) == len(owners)
+    assert all(records_agree(fixed, ip) == owner for owner, ip in got.items())

@@ -10,6 +10,13 @@ Precedence (SPEC-NOTES, fixed IPs), for the pod identity of the request:
   4. anything else is the node allocator's (an IP of the node's subnets, requested or not).
 A requested IP that differs from what 1 or 2 gives is refused, never silently ignored.
 
+A sticky pod bound to nothing yet gets the lowest free fixed IP; another node's ADD may claim the
+same one between this node's choice and its claim (a StatefulSet scaled up in parallel). The claim
+then fails on the binding's compare, and the ADD chooses again (at most FRESH_TRIES times) rather
+than failing: only an IP the pod did not ask for and was not bound to is chosen again, and the
+second choice is one at random of the RETRY_SPREAD lowest free IPs, so that a burst of racing
+first ADDs spreads out instead of all trying the same lowest one again.
+
 Memory: `_held` maps the handles of this node's fixed attachments to their allocations and the
 store revision of their claim, under `_lock`; it is what CHECK, GC, the leak GC and the route
 reconcile (the /32s this node hosts) see. It is loaded at start from the bindings that name this
@@ -21,9 +28,11 @@ this node's own write) never drops it.
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
+from typing import NamedTuple
 
 from cni_plugin.datapath.errors import DatapathError
 from ipamd.audit import audit
@@ -35,6 +44,17 @@ from ipamd.model import Allocation, IPAddress, IPNetwork, Owner
 
 log = logging.getLogger(__name__)
 SCAN_LIMIT = 1 << 16  # addresses looked at for a free fixed IP before giving up
+FRESH_TRIES = 8  # claims of a freshly chosen free IP before a concurrent ADD's win is the answer
+RETRY_SPREAD = 32  # after a lost race: a free IP at random among this many lowest
+
+
+class Choice(NamedTuple):
+    """The fixed IP an ADD gets, its source and (sticky) retention."""
+
+    ip: IPAddress
+    source: str
+    retain: float
+    fresh: bool = False  # a free IP picked for a sticky pod bound to none: may be chosen again
 
 
 class FixedRangesExhausted(IpamError):
@@ -120,43 +140,54 @@ class FixedAllocator:
 
     # ---- ADD / DEL ----------------------------------------------------------------------------
     def choose(
-        self, owner: Owner, requested: IPAddress | None
-    ) -> tuple[IPAddress, str, float] | None:
-        """(IP, source, retention) for a fixed IP, or None: the node allocator's turn."""
+        self, owner: Owner, requested: IPAddress | None, *, spread: int = 1
+    ) -> Choice | None:
+        """The fixed IP for this ADD, or None: the node allocator's turn (`spread`: see
+        `_free_ip`)."""
         identity = Identity.of(owner)
         bound = self.bindings.of_identity(identity)
         if bound is not None and bound.source == RESERVATION:
             self._check_request(requested, bound.ip, "reserved for", identity)
-            return bound.ip, RESERVATION, 0.0
+            return Choice(bound.ip, RESERVATION, 0.0)
         rule = self.rules.match(identity)
         if rule is not None:
-            ip = bound.ip if bound is not None else requested or self._free_ip()
+            ip = bound.ip if bound is not None else requested or self._free_ip(spread)
             self._check_request(requested, ip, "bound to", identity)
-            return ip, STICKY, rule.retain
+            return Choice(ip, STICKY, rule.retain, fresh=bound is None and requested is None)
         if requested is not None and self.bindings.is_fixed(requested):
-            return requested, REQUEST, 0.0
+            return Choice(requested, REQUEST, 0.0)
         return None
 
     def claim(
         self,
         owner: Owner,
-        choice: tuple[IPAddress, str, float],
+        choice: Choice,
         *,
         host_veth: str = "",
         netns: str = "",
         netns_inode: int = 0,
     ) -> Claimed:
-        ip, source, retain = choice
-        claimed = self.bindings.claim(
-            ip, owner, self.node, source=source, retain=retain, host_veth=host_veth,
-            netns=netns, netns_inode=netns_inode,
-        )  # fmt: skip
+        """Claim `choice`; a fresh choice another ADD claimed first is chosen again (above)."""
+        for attempt in range(1, FRESH_TRIES + 1):
+            try:
+                claimed = self.bindings.claim(
+                    choice.ip, owner, self.node, source=choice.source, retain=choice.retain,
+                    host_veth=host_veth, netns=netns, netns_inode=netns_inode,
+                )  # fmt: skip
+                break
+            except FixedIPUnavailable:
+                again = self.choose(owner, None, spread=RETRY_SPREAD) if choice.fresh else None
+                if again is None or attempt == FRESH_TRIES:
+                    raise
+                log.info("fixed IP %s went to another pod first; %s takes %s",
+                         choice.ip, owner.pod or "-", again.ip)  # fmt: skip
+                choice = again
         with self._lock:
             self._held[owner.handle] = (claimed.allocation, claimed.revision, claimed.binding)
         if claimed.replaced is not None:
             new = claimed.binding.generation
             audit(
-                "move", ip=ip, pod=claimed.binding.identity.text, node=self.node,
+                "move", ip=choice.ip, pod=claimed.binding.identity.text, node=self.node,
                 uid=new.uid if new else "-", container=new.container_id if new else "-",
                 replaces=claimed.replaced.uid or claimed.replaced.container_id,
                 was_on=claimed.previous_node or "-",
@@ -206,18 +237,22 @@ class FixedAllocator:
                 "unreserve it (or remove the sticky rule) first"
             )
 
-    def _free_ip(self) -> IPAddress:
-        """The lowest fixed IP with no binding, no IP record and no cooldown."""
+    def _free_ip(self, spread: int = 1) -> IPAddress:
+        """The lowest fixed IP with no binding, no IP record and no cooldown; with `spread`, one
+        at random of that many lowest (fewer when fewer are free)."""
         taken = {b.ip for b in self.bindings.all()} | self.bindings.unavailable()
+        free: list[IPAddress] = []
         looked = 0
         for network in sorted(self.bindings.fixed_ranges(), key=_order):
             for ip in _usable(network):
                 looked += 1
-                if looked > SCAN_LIMIT:
+                if looked > SCAN_LIMIT or len(free) >= spread:
                     break
                 if ip not in taken:
-                    return ip
-        raise FixedRangesExhausted("no free IP left in the fixed ranges for a sticky pod")
+                    free.append(ip)
+        if not free:
+            raise FixedRangesExhausted("no free IP left in the fixed ranges for a sticky pod")
+        return random.choice(free)
 
 
 def _order(network: IPNetwork) -> tuple[int, int]:

@@ -15,6 +15,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from cni_plugin.datapath import routes
+from cni_plugin.datapath.errors import LinkNotFound
 from cni_plugin.datapath.monitor import Deleted
 from cni_plugin.datapath.routes import MOOR_RTPROTO
 from cni_plugin.datapath.rtnl_codec import RT_SCOPE_LINK, RouteMsg
@@ -106,6 +108,18 @@ def local_fixed_routes(
         else:
             desired[route.prefix] = route
     return desired, frozenset(keep)
+
+
+def add_missing(missing: Sequence[RouteMsg], local: Mapping[str, RouteMsg]) -> None:
+    """Add `missing`, in order. A host veth in `local` that vanished since `local_fixed_routes`
+    looked (its pod's DEL) took its /32 along: that route is skipped, not a failed run that
+    would hold every route after it back until the retry."""
+    for route in missing:
+        try:
+            routes.replace_route(route)
+        except LinkNotFound:
+            if route.prefix not in local:
+                raise
 
 
 def remote_fixed_route(ip: IPAddress, via: RouteMsg) -> RouteMsg:

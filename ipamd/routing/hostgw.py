@@ -17,6 +17,7 @@ from cni_plugin.datapath.routes import MOOR_RTPROTO, Underlay
 from cni_plugin.datapath.rtnl_codec import RouteMsg
 from ipamd.model import IPNetwork
 from ipamd.routing.backend import (
+    add_missing,
     local_fixed_routes,
     plan_routes,
     remote_fixed_route,
@@ -74,8 +75,7 @@ class HostGw:
         plan = plan_routes(desired, routes.main_table(), keep)
         for route in plan.stale:
             routes.delete_route(route)
-        for route in plan.missing:
-            routes.replace_route(route)
+        add_missing(plan.missing, local)
         for remote in remotes:
             taken = plan.taken.get(str(remote.subnet))
             if taken is not None:

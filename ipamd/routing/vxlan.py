@@ -21,6 +21,7 @@ from cni_plugin.datapath.rtnl_codec import AF_BRIDGE, RouteMsg
 from ipamd.model import IPNetwork
 from ipamd.network_config import NetworkConfig
 from ipamd.routing.backend import (
+    add_missing,
     local_fixed_routes,
     plan_routes,
     remote_fixed_route,
@@ -120,8 +121,7 @@ class Vxlan:
         for key, entry in fdb.items():
             if key not in present_fdb:
                 vxlan.replace_entry(entry)
-        for route in plan.missing:
-            routes.replace_route(route)
+        add_missing(plan.missing, local)
         states: dict[IPNetwork, RouteState] = {}
         for r in remotes:
             taken = plan.taken.get(str(r.subnet))
