@@ -82,11 +82,20 @@ class CniEndpoint:
         self._thread: threading.Thread | None = None
         self._stopping = False
 
-    def start(self) -> None:
+    def listen(self) -> None:
+        """Bind and listen, serving nothing yet: from now on bin/moor connects and waits instead
+        of spooling a DEL. The daemon replays the spool in between (`serve` after), so a DEL
+        spooled during start-up is listed by that replay, not left for the next restart."""
         # Each connection may hold a socket and a netns fd; the gRPC relay and the rest get 4096.
         _ensure_fd_room(4096 + 2 * (READING_LIMIT + self.dispatch.queue_limit))
-        sock = listen_root_only(self.path, 512)
-        self.sock = sock
+        self.sock = listen_root_only(self.path, 512)
+
+    def start(self) -> None:
+        """Listen (unless `listen` did already) and serve."""
+        if self.sock is None:
+            self.listen()
+        sock = self.sock
+        assert sock is not None
         self._sel.register(sock, selectors.EVENT_READ, _LISTENER)
         self._sel.register(self._wake_r, selectors.EVENT_READ, _WAKE)
         self.dispatch.start()

@@ -2,8 +2,10 @@
 and the timers.
 
 Start order matters: the store and the node's IPAM come first (its lease, its allocations, those
-the store lost put back), then the spooled DELs are replayed, and only then do the sockets open,
-so no ADD can race a DEL the daemon missed while it was down.
+the store lost put back); then the CNI socket listens (callers connect and wait from then on, so
+none spools a DEL any more), the spooled DELs are replayed, and only then is anything served, so
+no ADD can race a DEL the daemon missed while it was down, and no DEL spooled during the start is
+left behind.
 """
 
 from __future__ import annotations
@@ -110,10 +112,11 @@ class Daemon:
             host_link_names,
             grace=cfg.leak_gc_grace,
         )
-        replay_spool(cfg.spool_dir, lambda req: self.handle(req, None))
         self.endpoint = CniEndpoint(
             cfg.cni_socket, self.handle, workers=cfg.workers, deadline=cfg.request_deadline
         )
+        self.endpoint.listen()  # callers wait from here: nothing is spooled after the listing
+        replay_spool(cfg.spool_dir, lambda req: self.handle(req, None))
         self.endpoint.start()
         self.gate = GrpcGate(cfg.grpc_socket)  # the public socket, uid-checked, relayed
         self.grpc = GrpcServer(

@@ -210,21 +210,27 @@ class Reasserter:
         return len(missing)
 
     def _kernel_allocations(self) -> list[Allocation]:
-        """What the host veths record (kernel_record.py) and the allocator's memory lacks."""
+        """What the host veths record (kernel_record.py) and memory lacks. A fixed pod whose IP a
+        newer generation of it took over is left over (its DEL has not come yet), not something
+        the store lost: it is not put back, and no conflict is reported for it."""
         known = {a.owner.handle for a in self._known()}
         out = []
         for host_veth, rec in sorted(self.kernel_records().items()):
-            if rec.owner.handle not in known:
-                out.append(
-                    Allocation(
-                        rec.interface.ip,
-                        rec.interface.network,
-                        rec.owner,
-                        self.node,
-                        self.clock(),
-                        host_veth=host_veth,
-                    )
-                )
+            if rec.owner.handle in known:
+                continue
+            alloc = Allocation(
+                rec.interface.ip,
+                rec.interface.network,
+                rec.owner,
+                self.node,
+                self.clock(),
+                host_veth=host_veth,
+            )
+            if self.fixed is not None and _fixed(alloc) and self.fixed.superseded(alloc):
+                log.info("%s of %s on %s: a newer pod holds it now; left for its DEL",
+                         alloc.ip, alloc.owner.pod or "-", host_veth)  # fmt: skip
+                continue
+            out.append(alloc)
         return out
 
 

@@ -16,13 +16,12 @@ too), MOOR_CHURN_OPS (default 300, about 15 s per backend; fewer for a quick loc
 MOOR_CHURN_THREADS (default 4). The plan is a function of the seed alone; how its concurrent ops
 interleave is not.
 
-MOOR_CHURN_KNOWN_BUGS=1 shows two moor bugs this test found, which it otherwise steps around:
-CNI calls reach the killed node while its daemon starts again (a DEL the shim spools after the
-start's spool replay and before the CNI socket exists is never replayed: `spool_left` reports it,
-e.g. with seed 14), and the invariants are also checked a few ops after that start with store
-conflicts counted (the start's restore from the host veths takes every fixed pod of the node for
-one whose record the store lost: STORE LOSS, a CONFLICT per pod, and the record of a superseded
-generation put back; `test_a_restart_puts_back_no_record_of_a_superseded_fixed_pod`).
+CNI calls keep reaching the killed node while its daemon starts again, and the invariants are
+also checked a few ops after that start, with store conflicts counted. This is how the test found
+two bugs, both fixed: a DEL the shim spooled after the start's spool replay and before the CNI
+socket existed was never replayed (the socket now listens before the replay), and the start's
+restore from the host veths took a fixed pod a newer generation had replaced for one whose record
+the store lost (`test_a_restart_puts_back_no_record_of_a_superseded_fixed_pod`).
 """
 
 from __future__ import annotations
@@ -60,7 +59,6 @@ FIXED_RANGE = "10.201.250.0/24"
 REQUEST_IPS = [f"10.201.250.{200 + i}" for i in range(4)]
 CONVERGE_WITHIN = 15.0  # reconcile interval 1 s; the watches are faster still
 REACH_SAMPLE = 6
-KNOWN = os.environ.get("MOOR_CHURN_KNOWN_BUGS") == "1"  # see the module docstring
 
 
 def settings() -> tuple[int, int, int]:
@@ -88,7 +86,7 @@ def invariants(c: Cluster, runner: ChurnRunner, fixed: IPNetwork, *, gc_done: bo
     problems += spool_left(c)  # every DEL spooled while a daemon was down was replayed
     if problems:
         return problems
-    return converged(lambda: route_problems(c, view, fixed) + memory_problems(c, view, KNOWN)
+    return converged(lambda: route_problems(c, view, fixed) + memory_problems(c, view, True)
                      + (address_problems(runner) if gc_done else []))  # fmt: skip
 
 
@@ -106,9 +104,9 @@ def test_fixed_ip_churn_keeps_every_invariant(backend: str) -> None:
             subprocess.run(["ip", "netns", "exec", node.netns, "sysctl", "-qw",
                             "net.ipv4.conf.all.rp_filter=1"], check=True)  # fmt: skip
         add_sticky_rule(c, "prod")
-        plan = Planner(seed, list(c.nodes), request_ips=REQUEST_IPS).make(total, KNOWN)
+        plan = Planner(seed, list(c.nodes), request_ips=REQUEST_IPS).make(total, True)
         runner = ChurnRunner(c, plan, seed, threads, check=lambda r: invariants(c, r, fixed),
-                             hold_during_start=not KNOWN)  # fmt: skip
+                             hold_during_start=False)  # fmt: skip
         clients = {n: runner.add_client(n) for n in ("n1", "n2")}
         runner.run()
         ran = time.monotonic() - started
@@ -171,8 +169,6 @@ def report(seed: int, plan: Plan, runner: ChurnRunner, ran: float, before: Store
     )
 
 
-@pytest.mark.xfail(strict=True, reason="moor bug: the start's restore from the host veths puts "
-                   "back the record of a fixed pod a newer generation replaced")  # fmt: skip
 def test_a_restart_puts_back_no_record_of_a_superseded_fixed_pod() -> None:
     """db-0 moves from n1 to n2 while n1 has not run its DEL, then is deleted (its sticky IP
     retained); n1's daemon restarts: the old pod's veth must not bring its record back."""

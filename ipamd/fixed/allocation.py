@@ -217,6 +217,16 @@ class FixedAllocator:
                 self._held.setdefault(alloc.owner.handle, (alloc, 0, entry[2] if entry else None))
         return problem
 
+    def superseded(self, alloc: Allocation) -> bool:
+        """Its binding names another attachment of the same pod identity: a newer generation
+        took the IP over, and `alloc` is what an old one left behind."""
+        binding = self.bindings.get(alloc.ip)
+        return (
+            binding is not None
+            and binding.identity == Identity.of(alloc.owner)
+            and binding.handle != alloc.owner.handle
+        )
+
     def forget(self, alloc: Allocation) -> bool:
         """Drop a pod that is gone and whose records the store lost: memory only."""
         with self._lock:
