@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 
 from cni_plugin import deadline, fixed_pod, kernel_record, request_parts
 from cni_plugin.attachments import WAIT, AttachmentLocks, Key
@@ -46,6 +46,22 @@ DEFAULT_V4 = ipaddress.ip_network("0.0.0.0/0")
 REAP_WAIT = 1.0  # an ADD that meets a pod interface waits this long for DELs still deleting
 # Test-only fault injection (the reference bridge has debugPostIPAMError for the same reason).
 FaultHook = Callable[[str, Request], None]
+
+
+@contextmanager
+def veth_clashes(req: Request, host_name: str) -> Iterator[None]:
+    """A veth whose pod end or host end is taken: 102 and 101, as the spec's tables say."""
+    try:
+        yield
+    except PodInterfaceExists as exc:
+        raise CNIError(
+            INTERFACE_EXISTS, f"interface {req.ifname!r} already exists in {req.netns}"
+        ) from exc
+    except LinkExists as exc:
+        raise CNIError(
+            DUPLICATE_ATTACHMENT,
+            f"host veth {host_name} for {req.container_id}/{req.ifname} already exists",
+        ) from exc
 
 
 def attachment(req: Request) -> Key:
@@ -126,7 +142,7 @@ class MoorPlugin:
             gateway = (alloc.gateway, alloc.interface) if alloc is not None else None
             bridge = self.host.ensure_bridge(conf, gateway)
             self._fault("after-ipam", req)
-            try:
+            with veth_clashes(req, host_name):
                 try:
                     pair = self._create_veth(req, host_name, bridge, alloc)
                 except LinkNotFound:  # the cached bridge was deleted under us: re-ensure it once
@@ -140,15 +156,6 @@ class MoorPlugin:
                     ):
                         raise
                     pair = self._create_veth(req, host_name, bridge, alloc)
-            except PodInterfaceExists as exc:
-                raise CNIError(
-                    INTERFACE_EXISTS, f"interface {req.ifname!r} already exists in {req.netns}"
-                ) from exc
-            except LinkExists as exc:
-                raise CNIError(
-                    DUPLICATE_ATTACHMENT,
-                    f"host veth {host_name} for {req.container_id}/{req.ifname} already exists",
-                ) from exc
             undo.callback(veth.delete_host_veth_if_exists, host_name)
             self._fault("after-veth", req)
             routes = request_parts.routes(conf, alloc) if alloc else []
@@ -183,17 +190,8 @@ class MoorPlugin:
         self, req: Request, fd: int, host_name: str, alloc: AssignedAddress, undo: ExitStack
     ) -> Result:
         """A fixed IP: a point-to-point veth with a /32 (`fixed_pod.py`), no bridge."""
-        try:
+        with veth_clashes(req, host_name):
             pair = self._create_veth(req, host_name, None, alloc)
-        except PodInterfaceExists as exc:
-            raise CNIError(
-                INTERFACE_EXISTS, f"interface {req.ifname!r} already exists in {req.netns}"
-            ) from exc
-        except LinkExists as exc:
-            raise CNIError(
-                DUPLICATE_ATTACHMENT,
-                f"host veth {host_name} for {req.container_id}/{req.ifname} already exists",
-            ) from exc
         undo.callback(veth.delete_host_veth_if_exists, host_name)
         self._fault("after-veth", req)
         fixed_pod.configure(fd, req.ifname, alloc, pair.host.mac)
