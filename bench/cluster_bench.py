@@ -14,14 +14,11 @@ from __future__ import annotations
 
 import os
 import secrets
-import shutil
 import subprocess
-import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import cluster_report, report
+from bench import cluster_report
 from bench.cluster_converge import convergence, throughput
 from bench.cluster_reconcile import ReconcileBench
 from bench.cluster_report import BACKENDS, ClusterFigures
@@ -32,8 +29,9 @@ from bench.cluster_setup import (
     leftovers,
     remove_stale,
 )
-from bench.harness import IP_FORWARD, no_interrupts, sigterm_as_interrupt
+from bench.harness import no_interrupts
 from bench.ipam_bench import BenchEtcd, etcd_package
+from bench.netns_part import run_netns_part
 from ipamd.ops import NO_NETWORK
 
 Progress = Callable[[str], None]
@@ -118,42 +116,8 @@ def environment_extra() -> dict[str, str]:
 def run_part(quick: bool, no_write: bool, command: str, say: Progress) -> int:
     """`python -m bench`'s cluster part: measure, tear down, print, write its BENCHMARKS.md
     section. Exit status as the other parts: 0 measured and clean, 1 failed, 130 interrupted."""
-    fig, status = ClusterFigures(dict(QUICK if quick else DEFAULTS)), 0
-    workdir = Path(tempfile.mkdtemp(prefix="mbc-bench-"))
-    forward_before = IP_FORWARD.read_text()  # everything is in netns: a check
-    try:
-        with sigterm_as_interrupt():
-            run(fig, workdir, say)
-    except KeyboardInterrupt:
-        say("interrupted")
-        status = 130
-    except Exception as exc:  # noqa: BLE001 - reported after the clean-up
-        say(f"cluster bench failed: {exc!r}")
-        status = 1
-    finally:
-        with no_interrupts():
-            shutil.rmtree(workdir, ignore_errors=True)
-            if IP_FORWARD.read_text() != forward_before:
-                IP_FORWARD.write_text(forward_before)
-                fig.failures.append("the host's net.ipv4.ip_forward changed (put back)")
-            say("cluster part cleaned up")
-    table = cluster_report.rows(fig)
-    print()
-    print(report.text_table(table, cluster_report.HEADER))
-    for line in cluster_report.details(fig):
-        print(f"  {line}")
-    if fig.warnings:
-        print(f"\nmoor-ipamd logged {len(fig.warnings)} warning(s)/error(s); the first ones:")
-        for line in fig.warnings[:5]:
-            print(f"  {line[:300]}")
-    for failure in fig.failures:
-        print(failure, file=sys.stderr)
-    status = status or (1 if fig.failures else 0)
-    if no_write or status:
-        print("\nBENCHMARKS.md cluster section not updated")
-        return status
-    env = {**report.environment(), **environment_extra()}
-    section = cluster_report.section(fig, table, env, command)
-    report.write_benchmarks(section, markers=(cluster_report.START, cluster_report.END))
-    print(f"\nwrote the cluster section of {report.BENCHMARKS}")
-    return 0
+    fig = ClusterFigures(dict(QUICK if quick else DEFAULTS))
+    return run_netns_part(
+        "cluster", fig, run, cluster_report, environment_extra, workdir_prefix="mbc-bench-",
+        no_write=no_write, command=command, say=say,
+    )  # fmt: skip

@@ -15,13 +15,10 @@ from __future__ import annotations
 
 import os
 import secrets
-import shutil
-import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import fixed_report, report
+from bench import fixed_report
 from bench.cluster_bench import EXPECTED
 from bench.cluster_report import BACKENDS
 from bench.cluster_setup import leftovers, remove_stale
@@ -29,8 +26,9 @@ from bench.fixed_move import moves
 from bench.fixed_reconcile import FixedReconcileBench
 from bench.fixed_report import FixedFigures
 from bench.fixed_setup import PREFIX, RECONCILE_INFRA_IP, FixedCluster, reconcile_net
-from bench.harness import IP_FORWARD, no_interrupts, sigterm_as_interrupt
+from bench.harness import no_interrupts
 from bench.ipam_bench import BenchEtcd, etcd_package
+from bench.netns_part import run_netns_part
 
 Progress = Callable[[str], None]
 AUDIT = " AUDIT "  # moves are logged as warnings by design (the audit trail)
@@ -103,42 +101,8 @@ def run(fig: FixedFigures, workdir: Path, say: Progress) -> None:
 def run_part(quick: bool, no_write: bool, command: str, say: Progress) -> int:
     """`python -m bench`'s fixed part: measure, tear down, print, write its BENCHMARKS.md
     section. Exit status as the other parts: 0 measured and clean, 1 failed, 130 interrupted."""
-    fig, status = FixedFigures(dict(QUICK if quick else DEFAULTS)), 0
-    workdir = Path(tempfile.mkdtemp(prefix=f"{PREFIX}-bench-"))
-    forward_before = IP_FORWARD.read_text()  # everything is in netns: a check
-    try:
-        with sigterm_as_interrupt():
-            run(fig, workdir, say)
-    except KeyboardInterrupt:
-        say("interrupted")
-        status = 130
-    except Exception as exc:  # noqa: BLE001 - reported after the clean-up
-        say(f"fixed-IP bench failed: {exc!r}")
-        status = 1
-    finally:
-        with no_interrupts():
-            shutil.rmtree(workdir, ignore_errors=True)
-            if IP_FORWARD.read_text() != forward_before:
-                IP_FORWARD.write_text(forward_before)
-                fig.failures.append("the host's net.ipv4.ip_forward changed (put back)")
-            say("fixed-IP part cleaned up")
-    table = fixed_report.rows(fig)
-    print()
-    print(report.text_table(table, fixed_report.HEADER))
-    for line in fixed_report.details(fig):
-        print(f"  {line}")
-    if fig.warnings:
-        print(f"\nmoor-ipamd logged {len(fig.warnings)} warning(s)/error(s); the first ones:")
-        for line in fig.warnings[:5]:
-            print(f"  {line[:300]}")
-    for failure in fig.failures:
-        print(failure, file=sys.stderr)
-    status = status or (1 if fig.failures else 0)
-    if no_write or status:
-        print("\nBENCHMARKS.md fixed-IP section not updated")
-        return status
-    env = {**report.environment(), "etcd": etcd_package()}
-    section = fixed_report.section(fig, table, env, command)
-    report.write_benchmarks(section, markers=(fixed_report.START, fixed_report.END))
-    print(f"\nwrote the fixed-IP section of {report.BENCHMARKS}")
-    return 0
+    fig = FixedFigures(dict(QUICK if quick else DEFAULTS))
+    return run_netns_part(
+        "fixed-IP", fig, run, fixed_report, lambda: {"etcd": etcd_package()}, workdir_prefix=f"{PREFIX}-bench-",
+        no_write=no_write, command=command, say=say,
+    )  # fmt: skip
