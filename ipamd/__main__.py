@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 
+from ipamd import logs
 from ipamd.config import load_config
 
 
@@ -14,10 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as exc:
         print(f"moor-ipamd: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=getattr(logging, cfg.log_level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logs.configure(cfg.log_level, cfg.log_format)
     from ipamd.daemon import Daemon  # heavy imports (pyroute2, grpc) only once the config is good
 
     # pyroute2 resets its logger on import; its debug output is every netlink message in full

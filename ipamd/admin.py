@@ -18,9 +18,10 @@ from ipamd.api.v1 import ipam_pb2, ipam_pb2_grpc
 from ipamd.conflicts import AddressConflict
 from ipamd.fixed_ops import FixedOps
 from ipamd.grpc_status import abort
-from ipamd.network_config import NetworkConfig
+from ipamd.network_config import SCHEMA_VERSION, NetworkConfig
 from ipamd.ops import ClusterOps, SubnetUsage
 from ipamd.service import allocation_pb
+from ipamd.version import daemon_version
 
 PAGE = 1000  # allocations per ListAllocations message: 200k records stream in bounded messages
 
@@ -82,6 +83,20 @@ class AdminServicer(FixedAdmin, ipam_pb2_grpc.AdminServicer):
     def __init__(self, ops: ClusterOps, fixed: FixedOps | None = None) -> None:
         self.ops = ops
         self.fixed = fixed
+
+    def Version(
+        self, request: ipam_pb2.VersionRequest, context: grpc.ServicerContext
+    ) -> ipam_pb2.VersionResponse:
+        try:
+            found = self.ops.schema_version()
+        except Exception as exc:  # noqa: BLE001 - mapped to a status code
+            abort(context, exc)
+            raise
+        return ipam_pb2.VersionResponse(
+            daemon_version=daemon_version(),
+            schema_version=found,
+            schema_supported=SCHEMA_VERSION,
+        )
 
     def NetworkShow(
         self, request: ipam_pb2.NetworkShowRequest, context: grpc.ServicerContext

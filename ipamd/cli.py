@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ipamd import cli_fixed
+from ipamd import cli_fixed, cli_health
 from ipamd.cli_cluster import (
     _clear_conflict,
     _conflicts,
@@ -164,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the fixed IPs instead: state, source, node, generation, retention",
     )
     cli_fixed.add_commands(sub, command)
+    cli_health.add_commands(sub, command)
     p = command(sub, "release", _release, render_release, "free an IP (owner-checked)")
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--ip", help="the IP to free")
@@ -236,12 +237,12 @@ def main(argv: list[str] | None = None) -> int:
             data = args.run(channel, args)
     except grpc.RpcError as exc:
         print(f"moorctl: {error_line(exc, args.socket)}", file=sys.stderr)
-        return 1
+        return 1  # also `health` against a daemon that does not answer
     except CliError as exc:
         print(f"moorctl: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(data, indent=2) if args.json else args.render(data))
-    return 0
+    return getattr(args, "exit_code", 0)  # `health`: 1 when not serving
 
 
 if __name__ == "__main__":

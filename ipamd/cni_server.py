@@ -231,18 +231,22 @@ class CniEndpoint:
         conn.sock.close()
 
     def stop(self) -> None:
+        """Take no new request (the socket goes first, so bin/moor answers 11 to an ADD and
+        spools a DEL at once instead of waiting), then finish every request already read:
+        each is bounded by its deadline, and the watchdog answers one that overruns."""
         self._stopping = True
         os.write(self._wake_w, b"x")
         if self._thread is not None:
             self._thread.join()
-            self.dispatch.stop()
         if self.sock is not None:
             self.sock.close()
+        if os.path.exists(self.path):
+            os.unlink(self.path)
+        if self._thread is not None:
+            self.dispatch.stop()
         self._sel.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
-        if os.path.exists(self.path):
-            os.unlink(self.path)
 
 
 def _ensure_fd_room(needed: int) -> None:

@@ -51,6 +51,10 @@ class DaemonConfig:
     request_deadline: float = 5.0
     store_grace: float = 30.0
     reconcile_interval: float = 10.0
+    log_format: str = "text"
+    cni_conflist: str = ""
+    cni_conflist_source: str = ""
+    remove_conflist_on_exit: bool = False
     enable_fault_injection: bool = False
 
     def validate(self) -> None:
@@ -73,6 +77,14 @@ class DaemonConfig:
                 f"--request-deadline must be > 0 and at most {MAX_REQUEST_DEADLINE:g} (bin/moor"
                 " waits 30 s for a reply), --store-grace >= 0"
             )
+        if self.log_format not in ("text", "json"):
+            raise ValueError(f"--log-format {self.log_format!r} must be text or json")
+        if bool(self.cni_conflist) != bool(self.cni_conflist_source):
+            raise ValueError("--cni-conflist and --cni-conflist-source go together")
+        if self.cni_conflist_source and not os.access(self.cni_conflist_source, os.R_OK):
+            raise ValueError(f"--cni-conflist-source {self.cni_conflist_source}: not readable")
+        if self.cni_conflist and not os.path.isdir(os.path.dirname(self.cni_conflist) or "."):
+            raise ValueError(f"--cni-conflist {self.cni_conflist}: its directory does not exist")
         if not 0 < self.reconcile_interval <= 3600:
             raise ValueError("--reconcile-interval must be > 0 and at most 3600 seconds")
         if bool(self.etcd_certfile) != bool(self.etcd_keyfile):
@@ -152,6 +164,11 @@ HELP = {
     "request_deadline": "seconds from accepting a CNI request to its reply; past it, code 11",
     "store_grace": "seconds the store may be unreachable before STATUS/health say not ready",
     "reconcile_interval": "seconds between full reconciles of the routes to other nodes",
+    "log_format": "text (one line per event) or json (one JSON object per line)",
+    "cni_conflist": "install the CNI conflist here (e.g. /etc/cni/net.d/10-moor.conflist) once "
+    "the node can serve ADD, and keep it there",
+    "cni_conflist_source": "the conflist to install at --cni-conflist",
+    "remove_conflist_on_exit": "remove --cni-conflist when the daemon exits (moor leaves the node)",
     "enable_fault_injection": argparse.SUPPRESS,  # tests only: see ipamd.faults
 }
 

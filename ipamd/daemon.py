@@ -34,6 +34,7 @@ from ipamd.assembly import AwaitingNetwork, IpamSwitch, assemble_node, remembere
 from ipamd.cni_port import NodeIpamPort
 from ipamd.cni_server import CniEndpoint
 from ipamd.config import DaemonConfig
+from ipamd.conflist import ConflistInstaller
 from ipamd.faults import delay_hook, fault_hook
 from ipamd.fixed_ops import FixedOps
 from ipamd.grpc_gate import GrpcGate
@@ -78,6 +79,11 @@ class Daemon:
 
     def start(self) -> None:
         cfg = self.cfg
+        self.conflist = (
+            ConflistInstaller(cfg.cni_conflist, cfg.cni_conflist_source)
+            if cfg.cni_conflist
+            else None
+        )
         self.metrics = Metrics()
         if cfg.metrics_addr:
             self.metrics.serve(cfg.metrics_addr)  # first: a taken port fails before any lease
@@ -126,7 +132,7 @@ class Daemon:
         )
         self.grpc.start()
         self.gate.start()
-        self.grpc.set_serving(self.ipam.not_ready_reason() is None)
+        self._update_health()
         self._spawn("timers", self._timers)
         self._spawn("release-journal", self._replay_journal)
         log.info("moor-ipamd ready: CNI on %s, gRPC on %s", cfg.cni_socket, cfg.grpc_socket)
@@ -247,10 +253,7 @@ class Daemon:
         ):
             if self.awaiting_network:
                 self._task("adopting the network config", self._adopt_network)
-            self._task(
-                "updating health",
-                lambda: self.grpc.set_serving(self.ipam.not_ready_reason() is None),
-            )
+            self._task("updating health", self._update_health)
             if getattr(self, "guard", None) is not None:
                 self._task("checking the store", self.guard.check)
             self._task("repairing the datapath", self.plugin.maintain)
@@ -259,6 +262,14 @@ class Daemon:
                 self._task("leak GC", self.leak_gc.sweep)
                 if (fixed := getattr(self, "fixed", None)) is not None:
                     self._task("ending fixed-IP retentions", fixed.expire_retained)
+
+    def _update_health(self) -> None:
+        """Health follows readiness; the first time the node is ready (and whenever the file
+        went missing since) the CNI conflist is installed (`conflist.py`)."""
+        ready = self.ipam.not_ready_reason() is None
+        self.grpc.set_serving(ready)
+        if ready and self.conflist is not None:
+            self.conflist.ensure()
 
     @staticmethod
     def _task(what: str, task: Callable[[], object]) -> None:
@@ -276,11 +287,19 @@ class Daemon:
                 log.exception("replaying the release journal failed")
 
     def stop(self) -> None:
+        """SIGTERM: no new CNI request; those already read finish (each within its deadline);
+        releases journaled while the store was away are applied if it answers now; the node's
+        routes, veths and rules stay for the next daemon."""
         self._stop.set()
         for part in ("endpoint", "gate", "grpc", "reaper", "metrics"):
             obj = getattr(self, part, None)
             if obj is not None:
                 obj.stop()
+        if getattr(self, "ipam", None) is not None:
+            self._task("applying the release journal", self.ipam.replay_journal)
+        conflist = getattr(self, "conflist", None)
+        if conflist is not None and self.cfg.remove_conflist_on_exit:
+            conflist.remove()
         if getattr(self, "leases", None) is not None:
             self.leases.stop()
         if getattr(self, "routing", None) is not None:

@@ -23,11 +23,13 @@ before `_lock`, never while holding it.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
 
+from ipamd import schema
 from ipamd.errors import ConfigMismatch, NetworkExhausted
 from ipamd.model import IPNetwork, SubnetLease
 from ipamd.network_config import NetworkConfig
@@ -126,6 +128,7 @@ class SubnetLeaseManager:
             current = self.store.get(key)
             if current is None:
                 raise ConfigMismatch("network config vanished while it was being written; retry")
+            current = schema.upgrade(self.store, self.keys, current, json.loads, _encode)
             stored = NetworkConfig.from_json(current.value)
             if (stored.network, stored.subnet_len) != (
                 self.config.network,
@@ -424,3 +427,7 @@ class SubnetLeaseManager:
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
+
+
+def _encode(config: dict) -> bytes:
+    return json.dumps(config).encode()

@@ -22,6 +22,7 @@ from cni_plugin.iptypes import IPNetwork
 
 BACKENDS = ("host-gw", "vxlan")
 _CLUSTER_ID_RE = re.compile(r"[a-zA-Z0-9-]{0,64}")
+SCHEMA_VERSION = 2  # of the store's layout; ipamd/schema.py refuses newer, moves older forward
 VXLAN_VNI = 1  # flannel's default too
 VXLAN_PORT = 8472  # the Linux default; sent explicitly (NSX users move it)
 MAX_VNI = (1 << 24) - 1
@@ -198,7 +199,11 @@ class NetworkConfig:
 
     # ---- JSON --------------------------------------------------------------------------------
     def to_json(self) -> bytes:
-        d: dict[str, Any] = {"network": str(self.network), "subnetLen": self.subnet_len}
+        d: dict[str, Any] = {
+            "schemaVersion": SCHEMA_VERSION,
+            "network": str(self.network),
+            "subnetLen": self.subnet_len,
+        }
         if self.subnet_min is not None:
             d["subnetMin"] = str(self.subnet_min)
         if self.subnet_max is not None:

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from ipamd import conflicts
+from ipamd import conflicts, schema
 from ipamd.allocator import NodeAllocator
 from ipamd.conflicts import AddressConflict
 from ipamd.errors import ConfigMismatch, Conflict, NotFound, Refused
@@ -97,6 +97,11 @@ class ClusterOps:
     def network(self) -> NetworkConfig | None:
         kv = self.store.get(self.keys.config())
         return NetworkConfig.from_json(kv.value) if kv is not None else None
+
+    def schema_version(self) -> int:
+        """The store's schema version (ipamd/schema.py); 0 while it has no network config."""
+        kv = self.store.get(self.keys.config())
+        return schema.version_of(json.loads(kv.value)) if kv is not None else 0
 
     def require_network(self) -> NetworkConfig:
         config = self.network()

@@ -491,3 +491,17 @@ class ClearConflictResponse(_message.Message):
     CONFLICT_FIELD_NUMBER: _ClassVar[int]
     conflict: AddressConflict
     def __init__(self, conflict: _Optional[_Union[AddressConflict, _Mapping]] = ...) -> None: ...
+
+class VersionRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class VersionResponse(_message.Message):
+    __slots__ = ("daemon_version", "schema_version", "schema_supported")
+    DAEMON_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SCHEMA_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SCHEMA_SUPPORTED_FIELD_NUMBER: _ClassVar[int]
+    daemon_version: str
+    schema_version: int
+    schema_supported: int
+    def __init__(self, daemon_version: _Optional[str] = ..., schema_version: _Optional[int] = ..., schema_supported: _Optional[int] = ...) -> None: ...

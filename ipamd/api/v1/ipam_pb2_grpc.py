@@ -353,6 +353,11 @@ class AdminStub:
                 request_serializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.ClearConflictRequest.SerializeToString,
                 response_deserializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.ClearConflictResponse.FromString,
                 _registered_method=True)
+        self.Version = channel.unary_unary(
+                '/moor.ipam.v1.Admin/Version',
+                request_serializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.VersionRequest.SerializeToString,
+                response_deserializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.VersionResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -448,6 +453,12 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Version(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -525,6 +536,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ClearConflict,
                     request_deserializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.ClearConflictRequest.FromString,
                     response_serializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.ClearConflictResponse.SerializeToString,
+            ),
+            'Version': grpc.unary_unary_rpc_method_handler(
+                    servicer.Version,
+                    request_deserializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.VersionRequest.FromString,
+                    response_serializer=ipamd_dot_api_dot_v1_dot_ipam__pb2.VersionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -932,6 +948,33 @@ class Admin:
             '/moor.ipam.v1.Admin/ClearConflict',
             ipamd_dot_api_dot_v1_dot_ipam__pb2.ClearConflictRequest.SerializeToString,
             ipamd_dot_api_dot_v1_dot_ipam__pb2.ClearConflictResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Version(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moor.ipam.v1.Admin/Version',
+            ipamd_dot_api_dot_v1_dot_ipam__pb2.VersionRequest.SerializeToString,
+            ipamd_dot_api_dot_v1_dot_ipam__pb2.VersionResponse.FromString,
             options,
             channel_credentials,
             insecure,
