@@ -10,12 +10,9 @@ left behind.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import signal
-import socket
-import struct
 import threading
 import time
 from collections.abc import Callable
@@ -23,6 +20,7 @@ from types import FrameType
 
 from cni_plugin import deadline, skel
 from cni_plugin.attachments import AttachmentLocks
+from cni_plugin.datapath import routes
 from cni_plugin.datapath.inventory import host_link_names
 from cni_plugin.datapath.masq import MasqueradeRules
 from cni_plugin.plugin import MoorPlugin
@@ -56,19 +54,7 @@ from ipamd.store.open import open_store
 log = logging.getLogger(__name__)
 TIMER_TICK = 5.0
 AWAIT_TICK = 1.0  # how often a daemon without a network config looks for one
-SIOCGIFADDR = 0x8915
 JOURNAL_RETRY = 1.0
-
-
-def interface_ipv4(iface: str) -> str:
-    """The first IPv4 address of `iface` (its primary one, as SIOCGIFADDR reports it)."""
-    request = struct.pack("256s", iface.encode()[:15])
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            reply = fcntl.ioctl(s.fileno(), SIOCGIFADDR, request)
-        except OSError as exc:
-            raise ValueError(f"--iface {iface}: no IPv4 address ({exc.strerror})") from exc
-    return socket.inet_ntoa(reply[20:24])
 
 
 class Daemon:
@@ -89,7 +75,7 @@ class Daemon:
             self.metrics.serve(cfg.metrics_addr)  # first: a taken port fails before any lease
         self.store = self.metrics.count_store_errors(open_store(cfg.store, **cfg.store_options()))
         self.keys = Keys(cfg.key_prefix)
-        self.public_ip = cfg.public_ip or (interface_ipv4(cfg.iface) if cfg.iface else "")
+        self.public_ip = cfg.public_ip or (routes.interface_ipv4(cfg.iface) if cfg.iface else "")
         self.ops = ClusterOps(
             self.store,
             self.keys,

@@ -10,7 +10,9 @@ All calls run on the calling thread's host netlink socket (nl.host_rtnl), in the
 
 from __future__ import annotations
 
+import fcntl
 import socket
+import struct
 from dataclasses import dataclass
 
 from cni_plugin.datapath import rtnl_codec as codec
@@ -120,3 +122,17 @@ def underlay_for(address: str) -> Underlay:
                 (link,) = ipr.get_links(index)
             return Underlay(index, link.get("IFLA_IFNAME"), int(link.get("IFLA_MTU")), address)
     raise DatapathError(f"no interface of this node has the public IP {address}")
+
+
+SIOCGIFADDR = 0x8915
+
+
+def interface_ipv4(iface: str) -> str:
+    """The first IPv4 address of `iface` (its primary one, as SIOCGIFADDR reports it)."""
+    request = struct.pack("256s", iface.encode()[:15])
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            reply = fcntl.ioctl(s.fileno(), SIOCGIFADDR, request)
+        except OSError as exc:
+            raise ValueError(f"--iface {iface}: no IPv4 address ({exc.strerror})") from exc
+    return socket.inet_ntoa(reply[20:24])
