@@ -71,6 +71,7 @@ class Daemon:
             else None
         )
         self.metrics = Metrics()
+        self.metrics.track_spool(cfg.spool_dir)
         if cfg.metrics_addr:
             self.metrics.serve(cfg.metrics_addr)  # first: a taken port fails before any lease
         self.store = self.metrics.count_store_errors(open_store(cfg.store, **cfg.store_options()))

@@ -2,8 +2,8 @@
 
 Counters and histograms are updated where things happen (allocation in NodeIpam, CNI requests in
 Daemon.handle, store errors in `ipamd.store.counting.CountingStore`); the address, subnet and
-fixed-IP gauges are computed at scrape time from the allocator and the store, so they are never
-stale. The registry is private, so several daemons (or tests) in one process never share a series.
+fixed-IP gauges are computed at scrape time from the allocator and the store, and the DEL spool
+and release journal gauges from the node's disk, so they are never stale. The registry is private, so several daemons (or tests) in one process never share a series.
 
 Only the daemon imports this module: bin/moor, the CNI shim, stays stdlib-only.
 """
@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from ipamd.config import split_host_port
 from ipamd.errors import NetworkExhausted, NoLease
 from ipamd.fixed.gauges import FixedCollector
-from ipamd.metrics_gauges import ConflictCollector, IpamCollector
+from ipamd.metrics_gauges import BacklogCollector, ConflictCollector, IpamCollector
 from ipamd.store.base import (
     Store,
     StoreError,
@@ -78,6 +78,8 @@ class Metrics:
         self.registry.register(self._fixed_collector)
         self._conflict_collector = ConflictCollector()
         self.registry.register(self._conflict_collector)
+        self._backlog_collector = BacklogCollector()
+        self.registry.register(self._backlog_collector)
         self.allocation_seconds = Histogram(
             "moor_allocation_duration_seconds",
             "Time to allocate one pod IP (store transaction included), failures included.",
@@ -185,6 +187,11 @@ class Metrics:
         """Report this node's address and subnet gauges from `ipam` at every scrape."""
         self._ipam_collector.ipam = ipam
         self._conflict_collector.ipam = ipam
+        self._backlog_collector.ipam = ipam  # its release journal
+
+    def track_spool(self, spool_dir: str) -> None:
+        """Report `moor_del_spool_entries` from `spool_dir` (listed at every scrape)."""
+        self._backlog_collector.spool_dir = spool_dir
 
     def track_fixed(self, bindings: Callable[[], Iterable[FixedBinding]]) -> None:
         """Report `moor_fixed_ips` from `bindings` (the store's, read at every scrape)."""

@@ -1,12 +1,14 @@
 """The gauges moor-ipamd computes at scrape time, so they are never stale: the node's addresses
-and the cluster's subnets (`IpamCollector`), and the cluster's address conflicts. Registered on
-the daemon's private registry by `metrics.py`; a store that does not answer leaves its families
-out of that scrape (the store errors are counted where they happen).
+and the cluster's subnets (`IpamCollector`), the cluster's address conflicts, and the DELs waiting
+on the node's disk (`BacklogCollector`). Registered on the daemon's private registry by
+`metrics.py`; a store that does not answer leaves its families out of that scrape (the store
+errors are counted where they happen).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -14,6 +16,7 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 from ipamd.model import IPNetwork
 from ipamd.network_config import NetworkConfig
+from ipamd.spool import FAILED
 from ipamd.store.base import StoreError
 
 if TYPE_CHECKING:
@@ -114,6 +117,71 @@ class ConflictCollector:
             "never handed out until `moorctl conflicts clear`.",
             labels=[],
         )
+
+
+class BacklogCollector:
+    """moor_del_spool_entries{state} and moor_release_journal_entries: DELs on the node's disk
+    that have not reached the store yet, counted at scrape time.
+
+    The spool holds DELs the shim wrote while it could not reach the daemon; the daemon replays
+    them when it starts, so `pending` entries while it runs wait for its next start, and `failed`
+    ones (moved to failed/ by a replay) wait for an operator. The release journal holds DELs
+    made while the store was unreachable; the daemon applies them within seconds of its return.
+    Either one staying above 0 is what an alert looks for."""
+
+    def __init__(self) -> None:
+        self.spool_dir: str | None = None
+        self.ipam: NodeIpam | None = None  # its journal; None while the node awaits its network
+
+    def describe(self) -> Iterable[Metric]:
+        return [self._spool_family(), self._journal_family()]
+
+    def collect(self) -> Iterable[Metric]:
+        families = []
+        if self.spool_dir is not None:
+            try:
+                pending = _entries(self.spool_dir, skip=(FAILED,))
+                failed = _entries(os.path.join(self.spool_dir, FAILED))
+            except OSError as exc:
+                log.warning("metrics: cannot list the DEL spool %s: %s", self.spool_dir, exc)
+            else:
+                spool = self._spool_family()
+                spool.add_metric(["pending"], pending)
+                spool.add_metric(["failed"], failed)
+                families.append(spool)
+        ipam = self.ipam
+        if ipam is not None:
+            journal = self._journal_family()
+            journal.add_metric([], len(ipam.journal) if ipam.journal is not None else 0)
+            families.append(journal)
+        return families
+
+    @staticmethod
+    def _spool_family() -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            "moor_del_spool_entries",
+            "DELs the CNI shim spooled while the daemon was unreachable: pending (replayed at "
+            "the daemon's next start) and failed (a replay failed: moved to failed/).",
+            labels=["state"],
+        )
+
+    @staticmethod
+    def _journal_family() -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            "moor_release_journal_entries",
+            "Releases journaled while the store was unreachable, not yet applied to it.",
+            labels=[],
+        )
+
+
+def _entries(path: str, skip: tuple[str, ...] = ()) -> int:
+    """Spool entries in `path`: names not starting with '.' (the shim's temp files), nor `skip`;
+    0 when the directory does not exist (nothing was ever spooled)."""
+    try:
+        with os.scandir(path) as it:
+            return sum(1 for e in it if not e.name.startswith(".") and e.name not in skip)
+    except FileNotFoundError:
+        return 0
 
 
 def _in_network(config: NetworkConfig, subnet: IPNetwork) -> bool:

@@ -24,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from ipamd.allocator import NodeAllocator
 from ipamd.config import load_config
 from ipamd.errors import NoLease
+from ipamd.journal import ReleaseJournal
 from ipamd.leases import SubnetLeaseManager
 from ipamd.metrics import Metrics
 from ipamd.model import Owner
@@ -335,3 +336,48 @@ def test_allocation_without_a_subnet_lease_counts_as_unavailable(tmp_path: Path)
     assert value(samples, "moor_allocation_failures_total", reason="unavailable") == 1
     assert value(samples, "moor_allocation_duration_seconds_count") == 1
     store.close()
+
+
+def test_the_del_spool_gauge_counts_pending_and_failed_entries(tmp_path: Path) -> None:
+    """Entries the shim spooled (not its `.tmp-` files) and those a replay moved to failed/."""
+    metrics = Metrics()
+    spool = tmp_path / "spool"
+    metrics.track_spool(str(spool))
+    samples = registry_samples(metrics)  # nothing was ever spooled: no directory at all
+    assert has(samples, "moor_del_spool_entries")
+    assert value(samples, "moor_del_spool_entries", state="pending") == 0
+    assert value(samples, "moor_del_spool_entries", state="failed") == 0
+    (spool / "failed").mkdir(parents=True)
+    for name in ("00000000000000000001-7", "00000000000000000002-8", ".tmp-00000000000000000003-9"):
+        (spool / name).write_bytes(b"MOOR1\0")
+    (spool / "failed" / "00000000000000000000-6").write_bytes(b"junk")
+    samples = registry_samples(metrics)
+    assert value(samples, "moor_del_spool_entries", state="pending") == 2
+    assert value(samples, "moor_del_spool_entries", state="failed") == 1
+    assert not has(samples, "moor_release_journal_entries")  # no node IPAM tracked yet
+
+
+def test_the_release_journal_gauge_counts_releases_waiting_for_the_store(tmp_path: Path) -> None:
+    """A release while the store is unreachable is journaled: the gauge shows it."""
+    metrics = Metrics()
+    store = metrics.count_store_errors(SqliteStore(str(tmp_path / "store.db")))
+    keys = Keys("/mmx")
+    leases = SubnetLeaseManager(
+        store, keys, "mmx", NetworkConfig(ipaddress.ip_network("10.242.0.0/16"), 24)
+    )
+    leases.ensure_network_config()
+    leases.acquire()
+    allocator = NodeAllocator(store, keys, "mmx", leases)
+    allocator.load()
+    journal = ReleaseJournal(str(tmp_path / "releases-mmx.jsonl"))
+    ipam = NodeIpam(store, "mmx", leases, allocator, metrics, journal=journal)
+    metrics.track(ipam)
+    for cid in ("mmx1", "mmx2"):
+        ipam.allocate(Owner("mmxnet", cid, "eth0"))
+    assert value(registry_samples(metrics), "moor_release_journal_entries") == 0
+    assert has(registry_samples(metrics), "moor_release_journal_entries")
+    store.close()
+    for cid in ("mmx1", "mmx2"):
+        ipam.release("mmxnet", cid, "eth0")
+    assert len(journal) == 2
+    assert value(registry_samples(metrics), "moor_release_journal_entries") == 2
