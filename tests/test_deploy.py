@@ -45,17 +45,10 @@ from tests.helpers.moor import SHIM, ExecRuntime, delete_netns, make_netns, plug
 
 ALERTS = REPO / "deploy" / "alerts.yaml"
 DEPLOY_README = REPO / "deploy" / "README.md"
-# Flags and a moorctl command that other parts of issue 15 add in parallel (the conflist the
-# daemon installs, JSON logs, `moorctl health`). Until they land, the tests that meet them check
-# everything else and then xfail naming them; once they exist they are checked like the rest,
-# and this set should be emptied.
-ARRIVING_FLAGS = {
-    "--log-format",
-    "--cni-conflist",
-    "--cni-conflist-source",
-    "--remove-conflist-on-exit",
-}
-ARRIVING_COMMANDS = {"health"}
+# Flags and moorctl commands not in moor yet: the tests that meet one check everything else and
+# then xfail naming it. Empty: everything the manifest uses exists.
+ARRIVING_FLAGS: set[str] = set()
+ARRIVING_COMMANDS: set[str] = set()
 UNINSTALL_FLAG = "--remove-conflist-on-exit"  # deploy/README.md's uninstall step adds it
 
 
@@ -182,6 +175,14 @@ def test_every_arg_is_a_moor_ipamd_flag_and_the_config_is_valid(
         assert mount.get("readOnly"), name
         (tmp_path / name).write_text("pem")
         setattr(cfg, name, str(tmp_path / name))  # the cluster's files: stand-ins to validate
+    source = m.mount_of(m.daemon, cfg.cni_conflist_source)
+    assert source is not None and "configMap" in m.volume(source["name"])
+    dest = m.mount_of(m.daemon, cfg.cni_conflist)
+    assert dest is not None and "hostPath" in m.volume(dest["name"])
+    (tmp_path / "source.conflist").write_text("{}")  # stand-ins again: the ConfigMap, net.d
+    (tmp_path / "net.d").mkdir()
+    cfg.cni_conflist_source = str(tmp_path / "source.conflist")
+    cfg.cni_conflist = str(tmp_path / "net.d" / "10-moor.conflist")
     cfg.validate()
     # deploy/README.md's uninstall patch appends the flag to the daemon container's args
     patch = re.search(r'"path":"/spec/template/spec/containers/(\d+)/args/-","value":"([^"]+)"',
