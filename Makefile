@@ -6,14 +6,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SYSTEM_PYTHON := /usr/bin/python3
 APT_PACKAGES := python3-venv containernetworking-plugins etcd-server etcd-client golang-go openssl \
-	golang-github-appc-cni-dev iptables iproute2 iperf3 podman runc busybox-static
+	golang-github-appc-cni-dev iptables iproute2 iperf3 podman runc busybox-static mmdebstrap
 PROTO := ipamd/api/v1/ipam.proto
 CNIDRV := tests/cnidrv/cnidrv
 STORE ?= sqlite
 CLUSTER ?=
 BACKEND ?=
 
-.PHONY: deps apt venv cnidrv test lint fmt proto proto-check demo bench clean
+.PHONY: deps apt venv cnidrv test lint fmt proto proto-check demo bench image clean
 
 deps: apt venv cnidrv
 
@@ -65,6 +65,11 @@ demo: deps
 
 bench: deps
 	$(PY) -m bench
+
+# The node image from the Dockerfile, on a Debian base made here (image/): built once, then reused
+# while its inputs are unchanged. Cache: $${MOOR_IMAGE_CACHE:-/var/tmp/moor-image} (see README).
+image: apt
+	$(SYSTEM_PYTHON) -m image --archive
 
 clean:
 	rm -rf $(VENV) $(CNIDRV) tests/cnidrv/.gocache .pytest_cache .ruff_cache .hypothesis

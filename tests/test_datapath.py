@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from ipaddress import IPv4Interface, ip_address, ip_interface, ip_network
+from pathlib import Path
 
 import pytest
 
@@ -793,3 +794,29 @@ def test_masquerade_ipv6_in_netns(make_netns: Callable[[], Netns], chain: str) -
     netns.run_in_netns(node.fd, rules.remove)
     assert not [x for x in oracle.nat_rules(netns=node.name, ipv6=True) if chain in x]
     assert not [x for x in oracle.nat_rules(netns=node.name) if chain in x]
+
+
+def test_a_read_only_proc_sys_is_a_datapath_error_not_a_bug(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A container with a read-only /proc/sys (no privileged, no unmask) gets code 104 with what
+    to do, never 999 (the image test met it). EROFS is injected: pure error mapping."""
+    import errno as errno_mod
+
+    from cni_plugin.datapath import bridge as br_mod
+    from cni_plugin.datapath.errors import DatapathError
+    from cni_plugin.errors import to_cni_error
+
+    knob = tmp_path / "accept_ra"
+    knob.write_text("1\n")
+    real_open = open
+
+    def read_only(path, mode="r", *args, **kwargs):  # type: ignore[no-untyped-def]
+        if "w" in mode:
+            raise OSError(errno_mod.EROFS, "Read-only file system")
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", read_only)
+    with pytest.raises(DatapathError, match="writable /proc/sys/net") as err:
+        br_mod._write_sysctl(str(knob), "0")
+    assert to_cni_error(err.value).code == 104

@@ -55,6 +55,12 @@ def _write_sysctl(path: str, value: str) -> bool:
             f.write(value)
     except FileNotFoundError:
         return False
+    except OSError as exc:  # e.g. EROFS: a container whose /proc/sys is read-only
+        raise DatapathError(
+            f"cannot set {path} to {value}: {exc.strerror} (moor-ipamd needs a writable "
+            "/proc/sys/net: a privileged container, or podman's --security-opt unmask=/proc/sys)",
+            exc.errno,
+        ) from exc
     return True
 
 
