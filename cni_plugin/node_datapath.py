@@ -5,6 +5,9 @@ The ADD hot path reads them from a cache (a netlink request and two iptables exe
 `maintain()`, called by the daemon's timer, re-verifies the cache, so a bridge, an address or a nat
 chain deleted by someone else is repaired within seconds, not at the next daemon restart.
 `_lock` guards the three cached pieces; no call to the kernel is made while holding it.
+`_masq_lock` serialises the masquerade rules' read-and-rewrite (a cold-cache ADD, `maintain`): each
+rewrite is atomic, but two ADDs that both read "no jump" would each append one (two pods started
+at once on a fresh node did). It is held across the iptables execs, and only those contend for it.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ class NodeDatapath:
     def __init__(self, masq: MasqueradeRules) -> None:
         self.masq = masq
         self._lock = threading.Lock()
+        self._masq_lock = threading.Lock()
         self._bridges: dict[BridgeKey, br.LinkInfo] = {}
         self._gateways_done: set[tuple[str, int, str]] = set()  # bridge, its ifindex, gateway
         self._masq_for: IPNetwork | None = None  # the network whose rules are installed
@@ -63,7 +67,8 @@ class NodeDatapath:
         with self._lock:
             if self._masq_for == network:
                 return
-        self.masq.ensure([network])
+        with self._masq_lock:  # a second caller reads the rules the first wrote
+            self.masq.ensure([network])
         with self._lock:
             self._masq_for = network
 
@@ -91,6 +96,8 @@ class NodeDatapath:
                         with self._lock:
                             self._gateways_done.discard((bridge_name, index, gw))
                             self._gateways_done.add((bridge_name, info.index, gw))
-        if masq_for is not None and not self.masq.is_installed([masq_for]):
-            log.warning("masquerade rules were changed outside moor; restoring them")
-            self.masq.ensure([masq_for])
+        if masq_for is not None:
+            with self._masq_lock:
+                if not self.masq.is_installed([masq_for]):
+                    log.warning("masquerade rules were changed outside moor; restoring them")
+                    self.masq.ensure([masq_for])
