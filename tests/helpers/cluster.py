@@ -31,7 +31,7 @@ from types import TracebackType
 from typing import Any
 
 from tests.helpers.etcd import EtcdServer
-from tests.helpers.moor import REFERENCE_PLUGINS, SHIM, Daemon
+from tests.helpers.moor import REFERENCE_PLUGINS, SHIM, Daemon, Outcome
 from tests.helpers.traffic import EchoServer, start_echo_servers
 from tests.helpers.underlay import Addresses, Underlay
 
@@ -174,15 +174,15 @@ class Cluster:
             args += ["--lease-ttl", f"{self.lease_ttl:g}"]
         return [*args, *self.daemon_args]
 
-    def start(self, *names: str, wait: bool = True) -> None:
+    def start(self, *names: str, wait: bool = True, extra_args: tuple[str, ...] = ()) -> None:
         """Start these nodes' daemons side by side (spawned from this thread); with `wait`, until
-        each says ready."""
+        each says ready. `extra_args` go after the cluster's own, for this start only."""
         for name in names:
             node = self.nodes[name]
             for sock in (node.daemon.cni_socket, node.daemon.grpc_socket):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(sock)  # left by a killed daemon: it would look started
-            node.daemon.extra_args = self._args(node)
+            node.daemon.extra_args = [*self._args(node), *extra_args]
             node.daemon.spawn()
             self.processes.append(node.daemon.proc)  # type: ignore[arg-type]
         for name in names:
@@ -309,6 +309,17 @@ class Cluster:
     ) -> dict[str, Any]:
         """One CNI call through bin/moor run inside the node's netns; the parsed result. The pod
         identity is `mc/<netns>` unless `cni_args` says otherwise."""
+        outcome = self.cni_exec(command, node, pod_netns, container_id, cni_args)
+        if outcome.rc != 0:
+            raise RuntimeError(
+                f"CNI {command} {pod_netns} on {node}: {outcome.out or outcome.stderr!r}"
+            )
+        return outcome.out
+
+    def cni_exec(
+        self, command: str, node: str, pod_netns: str, container_id: str, cni_args: str = ""
+    ) -> Outcome:
+        """`cni` without the check: exit code, parsed stdout and stderr, failure or not."""
         proc = subprocess.run(
             ["ip", "netns", "exec", self.nodes[node].netns, str(SHIM)],
             input=json.dumps(self.conf(node)).encode(),
@@ -326,9 +337,7 @@ class Cluster:
             timeout=60,
         )
         out = json.loads(proc.stdout) if proc.stdout.strip() else {}
-        if proc.returncode != 0:
-            raise RuntimeError(f"CNI {command} {pod_netns} on {node}: {out or proc.stderr!r}")
-        return out
+        return Outcome(proc.returncode, out, proc.stderr.decode(errors="replace"))
 
     def add_pods(self, per_node: int = 1, nodes: list[str] | None = None) -> list[Pod]:
         """`per_node` new pods on each of `nodes` (default all), made side by side."""
