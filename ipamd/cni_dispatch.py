@@ -208,11 +208,20 @@ class Dispatcher:
             return None
 
     def stop(self) -> None:
-        """Finish what is queued (expired requests are answered without running), then end."""
+        """Finish what is queued (expired requests are answered without running), then end.
+
+        Bounded: the workers get until the newest request's deadline (+ the watchdog's margin and
+        a second) while the watchdog still answers any that overruns; a handler stuck past that
+        is left behind (its thread is a daemon thread) rather than keeping the daemon alive."""
         for _ in range(self.workers):
             self._queue.put(None)
+        until = time.monotonic() + self.deadline + WATCHDOG_MARGIN + 1.0
+        for thread in self._threads:
+            if thread.name != "cni-watchdog":
+                thread.join(max(0.0, until - time.monotonic()))
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
         for thread in self._threads:
-            thread.join()
+            if thread.name == "cni-watchdog":
+                thread.join(2.0)

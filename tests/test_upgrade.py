@@ -11,8 +11,9 @@ for the pod deleted and the pod added.
 
 SIGTERM (one-node cluster; the daemon's test-only `delay-handle-<ms>-` hook holds a request in
 flight): the requests in flight get their real result and the daemon exits 0; once signalled it
-takes no new request, so a DEL then is spooled and replayed, not cut off. A drain bounded by the
-request deadline is not in the daemon yet: a strict xfail.
+takes no new request, so a DEL then is spooled and replayed, not cut off; and the drain is bounded
+by the request deadline: a handler stuck past it is answered 11 by the watchdog, and the daemon
+exits anyway.
 """
 
 from __future__ import annotations
@@ -237,14 +238,6 @@ def test_sigterm_takes_no_new_request_so_a_del_in_the_drain_is_spooled(node1: Cl
     c.cni("DEL", "n1", ns_held, held)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="graceful SIGTERM, bounded drain: not landed. Dispatcher.stop ends the watchdog at "
-    "once and then joins every worker without a bound, so a handler that overruns its deadline "
-    "(stuck in the kernel or the store: what the watchdog is for) is answered only when it ends, "
-    "and the daemon exits after it",
-)
 def test_sigterm_drain_is_bounded_by_the_request_deadline(node1: Cluster) -> None:
     c = node1
     (ns,) = netns(c, "stuck")
