@@ -16,8 +16,9 @@
 # spool the host's shim writes to). It takes flags or `--config FILE`; without either it runs the
 # defaults (node name = hostname, SQLite store in /var/lib/moor, 10.244.0.0/16 in /24s).
 #
-# /opt/moor/cni/ is the CNI payload, a copy of the build context's bin/ (today the shim bin/moor):
-# whatever is added there ships. /etc/moor/10-moor.conflist is the sample network config.
+# /opt/moor/cni/ is the CNI payload the DaemonSet's init container installs in /opt/cni/bin: the
+# static shim `moor` (build/moor, `make shim`: one self-contained executable, no Python needed on
+# the host). /etc/moor/10-moor.conflist is the sample network config.
 ARG BASE=localhost/moor-base:bookworm
 
 FROM ${BASE} AS build
@@ -40,7 +41,7 @@ RUN /opt/moor/venv/bin/pip install --quiet --no-deps --no-build-isolation /src \
 
 FROM ${BASE}
 COPY --from=build /opt/moor/venv /opt/moor/venv
-COPY bin/ /opt/moor/cni/bin/
+COPY build/moor /opt/moor/cni/moor
 COPY conf/10-moor.conflist /etc/moor/10-moor.conflist
 ENV PATH=/opt/moor/venv/bin:/usr/sbin:/usr/bin:/sbin:/bin PYTHONUNBUFFERED=1
 # Fail the build, not the node, when the base lacks a library a wheel's extension links.

@@ -9,13 +9,15 @@ APT_PACKAGES := python3-venv containernetworking-plugins etcd-server etcd-client
 	golang-github-appc-cni-dev iptables iproute2 iperf3 podman runc busybox-static mmdebstrap
 PROTO := ipamd/api/v1/ipam.proto
 CNIDRV := tests/cnidrv/cnidrv
+# The static CNI shim (Go, shim/): what the node image installs as /opt/cni/bin/moor.
+STATIC_SHIM := build/moor
 STORE ?= sqlite
 CLUSTER ?=
 BACKEND ?=
 
-.PHONY: deps apt venv cnidrv test lint fmt proto proto-check demo bench image clean
+.PHONY: deps apt venv cnidrv shim test lint fmt proto proto-check demo bench image clean
 
-deps: apt venv cnidrv
+deps: apt venv cnidrv shim
 
 apt:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
@@ -37,13 +39,20 @@ venv: apt $(VENV)/.installed
 cnidrv: apt
 	@tests/cnidrv/build.sh
 
+# build/moor: static, CGO off, built offline; idempotent (rebuilt only when shim/ is newer).
+shim: apt
+	@shim/build.sh
+
 lint: venv
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	@unformatted=$$(gofmt -l shim tests/cnidrv); \
+	if [ -n "$$unformatted" ]; then echo "gofmt needed: $$unformatted"; exit 1; fi
 
 fmt: venv
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
+	gofmt -w shim tests/cnidrv
 
 # Generated stubs are committed; `proto-check` fails when they are stale.
 proto: venv
@@ -68,8 +77,9 @@ bench: deps
 
 # The node image from the Dockerfile, on a Debian base made here (image/): built once, then reused
 # while its inputs are unchanged. Cache: $${MOOR_IMAGE_CACHE:-/var/tmp/moor-image} (see README).
-image: apt
+image: apt shim
 	$(SYSTEM_PYTHON) -m image --archive
 
 clean:
-	rm -rf $(VENV) $(CNIDRV) tests/cnidrv/.gocache .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(CNIDRV) tests/cnidrv/.gocache $(STATIC_SHIM) build/.gocache .pytest_cache \
+		.ruff_cache .hypothesis

@@ -4,7 +4,9 @@ Four parts, each with its own section of BENCHMARKS.md: the CNI plugin against t
 bridge + host-local (bench/cni_bench.py), then the IPAM daemon on etcd against host-local
 (bench/ipam_bench.py), then the routes between nodes and the traffic over them on a simulated
 cluster (bench/cluster_bench.py), then fixed pod IPs: a sticky pod's move and the /32s of many
-fixed IPs (bench/fixed_bench.py); `--only cni|ipam|cluster|fixed` runs one.
+fixed IPs (bench/fixed_bench.py); `--only cni|ipam|cluster|fixed` runs one. The CNI part
+measures moor through build/moor, the static shim the node image installs (`--shim python`:
+through bin/moor, the Python shim).
 
 Exit status: 0 when every call succeeded and the host is clean (whether or not the targets
 are met), 1 when a call failed, the run broke or something could not be removed, 2 on bad
@@ -14,6 +16,7 @@ usage, 130 when interrupted.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import sys
@@ -35,6 +38,7 @@ from bench.harness import (
     reference_plugin,
     sigterm_as_interrupt,
 )
+from tests.helpers import shims
 
 DEFAULTS = {"pods": 50, "sizes": [10, 100], "rounds": 5}
 
@@ -60,6 +64,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--only",
         choices=("cni", "ipam", "cluster", "fixed"),
         help="run one part (default: CNI, then IPAM, then cluster, then fixed)",
+    )
+    parser.add_argument(
+        "--shim",
+        choices=shims.KINDS,
+        default="static",
+        help="CNI: the moor executable to exec: build/moor, the static Go binary the image "
+        "installs (default), or bin/moor, the Python shim",
     )
     parser.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
     parser.add_argument(
@@ -103,10 +114,13 @@ def measure(args: argparse.Namespace, host: Host, workdir: Path, run: Run) -> No
         host.make_netns([f"{p}{i}" for i in range(count) for p in (MOOR_NETNS, REF_NETNS)])
         say("starting moor-ipamd")
         daemon_cpu = daemon.start()
-        moor, reference = moor_plugin(daemon), reference_plugin(workdir / "host-local")
+        shim = shims.path(args.shim)
+        moor, reference = moor_plugin(daemon, shim), reference_plugin(workdir / "host-local")
         if args.diagnose:
-            say("start-up floor: VERSION calls")
-            run.startup = startup_floor([moor, reference])
+            say("start-up floor: VERSION calls (both shims)")
+            other = next(k for k in shims.KINDS if k != args.shim)
+            floor = dataclasses.replace(moor, key=f"moor {other}", path=shims.path(other))
+            run.startup = startup_floor([moor, reference, floor])
         bench = Bench(moor, reference, daemon_cpu)
         run.figures = bench.run(args.pods, args.sizes, args.rounds, say)
     finally:
@@ -127,10 +141,11 @@ def print_report(args: argparse.Namespace, run: Run, table: list[report.Row]) ->
         print("\nmoor latency split, from the daemon debug log (handler = its per-request time):")
         for line in report.handler_breakdown(run.figures, run.daemon_log):
             print(line)
-        print(
-            f"  VERSION exec p50 (start-up floor): moor {run.startup['moor'] * 1000:.1f} ms, "
-            f"reference {run.startup['reference'] * 1000:.1f} ms"
+        floors = ", ".join(
+            f"{f'moor {args.shim}' if key == 'moor' else key} {s * 1000:.1f} ms"
+            for key, s in run.startup.items()
         )
+        print(f"  VERSION exec p50 (start-up floor): {floors}")
     noise = [
         line for line in run.daemon_log.splitlines() if " WARNING " in line or " ERROR " in line
     ]
@@ -182,7 +197,9 @@ def run_cni(args: argparse.Namespace, command: str) -> int:
     if args.no_write or status:
         print("\nBENCHMARKS.md not updated")
         return status
-    report.write_benchmarks(report.section(run.figures, table, report.environment(), command))
+    shim = shims.path(args.shim)
+    env = report.environment(shim)
+    report.write_benchmarks(report.section(run.figures, table, env, command, shim))
     print(f"\nwrote {report.BENCHMARKS}")
     return 0
 

@@ -197,7 +197,8 @@ class Bench:
 def startup_floor(plugins: list[Plugin], runs: int = 30) -> dict[str, float]:
     """p50 seconds of a VERSION call per plugin: exec + start-up, no daemon and no netlink.
 
-    For moor that is the shim's interpreter start-up; interleaved like everything else."""
+    For moor that is the shim's start-up (bin/moor's: its interpreter's); interleaved like
+    everything else."""
     samples: dict[str, list[float]] = {p.key: [] for p in plugins}
     for i in range(runs):
         for plugin in plugins if i % 2 == 0 else plugins[::-1]:

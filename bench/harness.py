@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.helpers import shims
 from tests.helpers.moor import Daemon, plugin_config
 
 REPO = Path(__file__).resolve().parents[1]
-SHIM = REPO / "bin" / "moor"
 REFERENCE_DIR = Path("/usr/lib/cni")
 REFERENCE_BRIDGE_PLUGIN = REFERENCE_DIR / "bridge"
 PLUGIN_PATH_ENV = "/usr/sbin:/usr/bin:/sbin:/bin"  # the reference bridge execs iptables from PATH
@@ -178,9 +178,10 @@ class Plugin:
         return done
 
 
-def moor_plugin(daemon: MoorDaemon) -> Plugin:
+def moor_plugin(daemon: MoorDaemon, shim: Path = shims.STATIC_SHIM) -> Plugin:
+    """moor through `shim`: build/moor (the static one the image installs) or bin/moor."""
     conf = plugin_config(MOOR_NAME, CNI_VERSION, daemon.plugin())
-    return Plugin("moor", SHIM, conf, f"{SHIM.parent}:{REFERENCE_DIR}", MOOR_NETNS)
+    return Plugin("moor", shim, conf, f"{shim.parent}:{REFERENCE_DIR}", MOOR_NETNS)
 
 
 def reference_plugin(data_dir: Path) -> Plugin:

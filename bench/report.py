@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Protocol
 
 from bench.cni_bench import Figures, p50, p90
-from bench.harness import REPO, SHIM
+from bench.harness import REPO
+from tests.helpers import shims
 
 BENCHMARKS = REPO / "BENCHMARKS.md"
 START, END = "<!-- bench:cni:start -->", "<!-- bench:cni:end -->"
@@ -151,26 +152,6 @@ def details(fig: Figures) -> list[str]:
 # -- environment ------------------------------------------------------------------------------
 
 
-def _version_of(interpreter: list[str]) -> str:
-    try:
-        proc = subprocess.run(
-            [*interpreter, "-c", "import sys; print(sys.version.split()[0])"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-        return proc.stdout.strip() or "?"
-    except OSError:
-        return "?"
-
-
-def shim_interpreter() -> str:
-    """The shebang of bin/moor and the Python it names."""
-    first = SHIM.read_text().splitlines()[0]
-    argv = first[2:].strip().split(None, 1)
-    return f"`{first[2:].strip()}` (Python {_version_of(argv[:1])})"
-
-
 def reference_version() -> str:
     proc = subprocess.run(
         ["dpkg-query", "-W", "-f", "${Version}", "containernetworking-plugins"],
@@ -187,18 +168,19 @@ def _short(path: str) -> str:
         return path
 
 
-def environment() -> dict[str, str]:
+def environment(shim: Path | None = None) -> dict[str, str]:
+    """Where a part ran; `shim`: the CNI executable the CNI part measured."""
     return {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "kernel": f"Linux {platform.release()} {platform.machine()}",
         "cpus": str(os.cpu_count()),
         "python": f"{platform.python_version()} (`{_short(sys.executable)}`, bench and moor-ipamd)",
-        "shim": shim_interpreter(),
+        **({"shim": shims.describe(shim)} if shim else {}),
         "reference": f"Debian containernetworking-plugins {reference_version()}",
     }
 
 
-def how_measured(fig: Figures) -> str:
+def how_measured(fig: Figures, shim: str = "build/moor") -> str:
     bursts = (
         f"Bursts of {' and '.join(map(str, fig.sizes))} concurrent ADDs (one thread per call, all "
         f"released together; wall = first start to last exit), each followed by a burst of their "
@@ -207,7 +189,7 @@ def how_measured(fig: Figures) -> str:
     )
     return (
         "Both plugins run in one process of `python -m bench`, driven by the same harness: each "
-        "CNI call is a direct `posix_spawn` of the plugin executable (`bin/moor`, or "
+        f"CNI call is a direct `posix_spawn` of the plugin executable (`{shim}`, or "
         "`/usr/lib/cni/bridge` with host-local IPAM) with the CNI_* environment and the netconf "
         "on stdin, and CHECK/DEL get the ADD result as prevResult, as libcni passes it; "
         "latency is spawn to reap. Both have ipMasq on (moor: one node-wide nat chain; the "
@@ -233,21 +215,21 @@ def cpu_split(fig: Figures) -> str:
     return "moor CPU ms per sequential op, shim + daemon: " + "; ".join(parts) + "."
 
 
-def section(fig: Figures, table: list[Row], env: dict[str, str], command: str) -> str:
+def section(fig: Figures, table: list[Row], env: dict[str, str], command: str, shim: Path) -> str:
     return "\n".join(
         [
             START,
             "## CNI plugin: moor vs the reference bridge + host-local",
             "",
             f"Measured {env['date']} with `{command}` on {env['kernel']}, {env['cpus']} CPUs. "
-            f"Python {env['python']}; moor shim interpreter {env['shim']}; "
+            f"Python {env['python']}; moor shim: {env['shim']}; "
             f"reference: {env['reference']}. Times in ms; ratio = moor / reference.",
             "",
             markdown_table(table),
             "",
             cpu_split(fig),
             "",
-            f"**How measured.** {how_measured(fig)}",
+            f"**How measured.** {how_measured(fig, str(shim.relative_to(REPO)))}",
             END,
         ]
     )

@@ -32,8 +32,8 @@ from image.engine import Engine
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("MOOR_IMAGE_CACHE", "/var/tmp/moor-image"))
-CONTEXT = ("Dockerfile", "setup.cfg", "pyproject.toml", "README.md", "cni_plugin", "ipamd", "bin",
-           "conf")  # fmt: skip
+CONTEXT = ("Dockerfile", "setup.cfg", "pyproject.toml", "README.md", "cni_plugin", "ipamd",
+           "build/moor", "conf")  # fmt: skip  # build/moor: the static shim (`make shim`)
 IMAGE = "localhost/moor-node"
 KEY_LABEL = "io.moor.context-key"
 KEEP = 3

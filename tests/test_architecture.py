@@ -2,6 +2,8 @@
 
 - bin/moor, the CNI executable, imports only modules built into its interpreter: every exec pays
   for every import, and the host may have no Python packages at all.
+- the static shim (shim/, built to build/moor for hosts without Python) uses Go's standard library
+  only and no cgo: it builds offline and needs nothing on the host, not even a C library.
 - only cni_plugin/datapath/nl.py imports pyroute2: one place owns sockets, dump retries and errno
   translation.
 - cni_plugin never imports ipamd: the CNI layer owns its IPAM port (cni_plugin/ipam.py) and the
@@ -16,12 +18,14 @@ Every import counts, also one under `if TYPE_CHECKING:` or inside a function.
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SHIM = REPO / "bin" / "moor"
+GO_SHIM = REPO / "shim"
 PACKAGES = ("cni_plugin", "ipamd")
 GENERATED = "ipamd/api/v1/"
 
@@ -92,6 +96,26 @@ def test_shim_imports_only_interpreter_builtins() -> None:
     } | {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert imported, "the reader found no import in bin/moor"
     assert imported <= set(builtins), f"not built into {interpreter}: {imported - set(builtins)}"
+
+
+def go_imports(path: Path) -> set[str]:
+    """The import paths of one Go file (single imports and import blocks)."""
+    text = path.read_text()
+    found = set(re.findall(r'^import\s+(?:\w+\s+)?"([^"]+)"', text, re.MULTILINE))
+    for block in re.findall(r"^import \((.*?)^\)", text, re.MULTILINE | re.DOTALL):
+        found |= set(re.findall(r'^\s*(?:\w+\s+)?"([^"]+)"', block, re.MULTILINE))
+    return found
+
+
+def test_the_static_shim_uses_only_the_go_standard_library_and_no_cgo() -> None:
+    sources = sorted(GO_SHIM.glob("*.go"))
+    imported = set().union(*(go_imports(p) for p in sources))
+    assert {"syscall", "os/signal"} <= imported, "the reader found the shim's imports"
+    assert "C" not in imported, "cgo: the binary would need the host's C library"
+    # a standard-library path has no dot in its first element; a module's does (github.com/...)
+    assert {i for i in imported if "." in i.split("/")[0]} == set()
+    assert "require" not in (GO_SHIM / "go.mod").read_text()
+    assert "export CGO_ENABLED=0" in (GO_SHIM / "build.sh").read_text()
 
 
 def test_only_the_netlink_module_imports_pyroute2() -> None:

@@ -86,7 +86,7 @@ def pod_netns() -> Iterator[str]:
 def test_the_image_is_this_checkout(built: build.Built, node: ImageNode) -> None:
     """The image carries this checkout's shim as the CNI payload and its sample conflist, runs
     moor-ipamd, and is labelled with the key of exactly these sources."""
-    assert node.image_file("/opt/moor/cni/bin/moor") == (REPO / "bin" / "moor").read_bytes()
+    assert node.image_file("/opt/moor/cni/moor") == (REPO / "build" / "moor").read_bytes()
     conflist = node.image_file("/etc/moor/10-moor.conflist")
     assert conflist == (REPO / "conf" / "10-moor.conflist").read_bytes()
     config = json.loads(node.engine.ok("image", "inspect", built.tag))[0]["Config"]
@@ -126,7 +126,7 @@ def test_a_pod_gets_its_address_through_the_image_payload(
     in the container: ADD wires the pod (bridge, veth, address in the node's subnet, masquerade
     chain on the host), CHECK passes, DEL releases the address."""
     shim = tmp_path / "moor"
-    shim.write_bytes(node.image_file("/opt/moor/cni/bin/moor"))
+    shim.write_bytes(node.image_file("/opt/moor/cni/moor"))
     shim.chmod(0o755)
     conf = plugin_config("mimnet", "1.0.0", {
         "type": "moor", "bridge": BRIDGE, "isGateway": True, "isDefaultGateway": True,

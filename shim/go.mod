@@ -1,0 +1,3 @@
+module moor/shim
+
+go 1.19
