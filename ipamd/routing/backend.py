@@ -126,3 +126,20 @@ def remote_fixed_route(ip: IPAddress, via: RouteMsg) -> RouteMsg:
     """A remote fixed IP's /32 takes the next hop of its node's subnet route."""
     return RouteMsg(str(ip), ip.max_prefixlen, via.gateway, via.oif, MOOR_RTPROTO,
                     onlink=via.onlink)  # fmt: skip
+
+
+def plan_with_fixed(
+    subnet_routes: Mapping[str, RouteMsg], fixed: FixedPlan
+) -> tuple[RoutePlan, dict[str, RouteMsg]]:
+    """The plan for the subnet routes plus every fixed IP's /32: a remote one follows the next
+    hop of its node's subnet route (none when that node is not routed), a local one goes to its
+    host veth. Returns the plan and the local /32s (`add_missing` tolerates their veth going)."""
+    desired = dict(subnet_routes)
+    for ip, remote in fixed.remote.items():
+        via = subnet_routes.get(str(remote.subnet))
+        if via is not None:
+            route = remote_fixed_route(ip, via)
+            desired[route.prefix] = route
+    local, keep = local_fixed_routes(fixed.local)
+    desired.update(local)
+    return plan_routes(desired, routes.main_table(), keep), local

@@ -16,13 +16,7 @@ from cni_plugin.datapath.monitor import Deleted
 from cni_plugin.datapath.routes import MOOR_RTPROTO, Underlay
 from cni_plugin.datapath.rtnl_codec import RouteMsg
 from ipamd.model import IPNetwork
-from ipamd.routing.backend import (
-    add_missing,
-    local_fixed_routes,
-    plan_routes,
-    remote_fixed_route,
-    taken_reason,
-)
+from ipamd.routing.backend import add_missing, plan_with_fixed, taken_reason
 from ipamd.routing.peers import REFUSED, ROUTED, UNREACHABLE, FixedPlan, RemoteSubnet, RouteState
 
 
@@ -64,15 +58,7 @@ class HostGw:
             )
             desired[route.prefix] = route
             states[remote.subnet] = RouteState(ROUTED)
-        subnet_routes = dict(desired)
-        for ip, remote in fixed.remote.items():
-            via = subnet_routes.get(str(remote.subnet))
-            if via is not None:  # its node is routed: the /32 follows the same next hop
-                route = remote_fixed_route(ip, via)
-                desired[route.prefix] = route
-        local, keep = local_fixed_routes(fixed.local)
-        desired.update(local)
-        plan = plan_routes(desired, routes.main_table(), keep)
+        plan, local = plan_with_fixed(desired, fixed)
         for route in plan.stale:
             routes.delete_route(route)
         add_missing(plan.missing, local)

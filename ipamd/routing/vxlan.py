@@ -20,13 +20,7 @@ from cni_plugin.datapath.routes import MOOR_RTPROTO, Underlay
 from cni_plugin.datapath.rtnl_codec import AF_BRIDGE, RouteMsg
 from ipamd.model import IPNetwork
 from ipamd.network_config import NetworkConfig
-from ipamd.routing.backend import (
-    add_missing,
-    local_fixed_routes,
-    plan_routes,
-    remote_fixed_route,
-    taken_reason,
-)
+from ipamd.routing.backend import add_missing, plan_with_fixed, taken_reason
 from ipamd.routing.peers import REFUSED, ROUTED, FixedPlan, RemoteSubnet, RouteState
 
 
@@ -94,15 +88,7 @@ class Vxlan:
             (r.vtep_mac, r.public_ip): vxlan.fdb_entry(index, r.vtep_mac, r.public_ip)
             for r in remotes
         }
-        subnet_routes = dict(desired_routes)
-        for ip, remote in fixed.remote.items():
-            via = subnet_routes.get(str(remote.subnet))
-            if via is not None:  # its node is routed: the /32 follows the same next hop
-                route = remote_fixed_route(ip, via)
-                desired_routes[route.prefix] = route
-        local, keep = local_fixed_routes(fixed.local)
-        desired_routes.update(local)
-        plan = plan_routes(desired_routes, routes.main_table(), keep)
+        plan, local = plan_with_fixed(desired_routes, fixed)
         for route in plan.stale:
             routes.delete_route(route)
         have_fdb = vxlan.entries(AF_BRIDGE, index)
