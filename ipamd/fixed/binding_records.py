@@ -81,34 +81,30 @@ class BindingRecords:
         return out
 
     def all(self) -> list[FixedBinding]:
-        items, _ = self.store.list_prefix(self.keys.fixed_prefix())
-        out = []
-        for kv in items:
-            ip = self.keys.parse_fixed(kv.key)
-            if ip is None:
-                continue
-            try:
-                out.append(FixedBinding.from_json(ip, kv.value))
-            except (ValueError, TypeError, AttributeError, KeyError) as exc:
-                # one hand-edited record must not blind the listing and the retention sweep
-                log.warning("fixed binding %s is malformed, skipped: %s", kv.key, exc)
-        return sorted(out, key=lambda b: int(b.ip))
+        return self._bindings(lambda value: True)
 
     def held_on(self, node: str) -> list[FixedBinding]:
         """The held bindings that name `node`, as `all` reads them. Only those are read in full:
         a daemon starts in a cluster of thousands of fixed IPs, nearly all of them elsewhere (a
         plain JSON read costs a quarter of a full one)."""
+
+        def maybe_here(value: bytes) -> bool:
+            try:
+                d = json.loads(value)
+            except ValueError:
+                return True  # the full read tells why
+            return not isinstance(d, dict) or (d.get("node") == node and bool(d.get("generation")))
+
+        return self._bindings(maybe_here)
+
+    def _bindings(self, wanted: Callable[[bytes], bool]) -> list[FixedBinding]:
+        """Every binding whose raw value `wanted` keeps, by IP. A malformed one is skipped with a
+        warning: one hand-edited record must not blind the listing and the retention sweep."""
         items, _ = self.store.list_prefix(self.keys.fixed_prefix())
         out = []
         for kv in items:
-            try:
-                d = json.loads(kv.value)
-            except ValueError:
-                d = None  # the full read below tells why
-            if isinstance(d, dict) and (d.get("node") != node or not d.get("generation")):
-                continue
             ip = self.keys.parse_fixed(kv.key)
-            if ip is None:
+            if ip is None or not wanted(kv.value):
                 continue
             try:
                 out.append(FixedBinding.from_json(ip, kv.value))
